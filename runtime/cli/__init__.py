@@ -1,0 +1,56 @@
+"""The ``onboard`` command. Each subcommand lives in its own module with ``register`` and ``run``.
+
+Modules are imported only when their command runs, so ``onboard info`` on board never pays for
+(or needs) what ``onboard compile`` on the ground imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from onboard.runtime.errors import OnboardError
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("onboard.runtime.cli.info", "describe a scene, an OSCD city folder or a bundle"),
+}
+
+
+def _version() -> str:
+    try:
+        return version("onboard")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onboard", description="Edge inference runtime for Earth-observation satellites."
+    )
+    parser.add_argument("--version", action="version", version=f"onboard {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(_module=module)
+        importlib.import_module(module).register(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except OnboardError as error:
+        print(f"onboard {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""``onboard info PATH``: what a scene or an OSCD city folder holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from onboard.runtime.bands import common_name
+from onboard.runtime.sources.geotiff import GeoTiffScene
+from onboard.runtime.sources.oscd import OscdPair, OscdScene
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", type=Path, help="GeoTIFF, OSCD city folder or band folder")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def describe(path: Path) -> dict[str, Any]:
+    if path.is_dir() and (path / "imgs_1").is_dir():
+        pair = OscdPair(path)
+        try:
+            return {"kind": "oscd-city", "path": str(path),
+                    "dates": [_scene(pair.before), _scene(pair.after)],
+                    "change_mask": (path / "cm" / f"{path.name}-cm.tif").exists()}
+        finally:
+            pair.close()
+    if path.is_dir():
+        scene = OscdScene(path)
+        try:
+            return {"kind": "band-folder", **_scene(scene)}
+        finally:
+            scene.close()
+    with GeoTiffScene(path) as tif:
+        return {"kind": "geotiff", **_scene(tif)}
+
+
+def _scene(scene: GeoTiffScene | OscdScene) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "path": scene.source_id,
+        "size": {"height": scene.height, "width": scene.width},
+        "acquired": scene.acquired.date().isoformat() if scene.acquired else None,
+    }
+    georef = scene.georef
+    info["crs"] = str(georef.crs) if georef and georef.crs else None
+    info["bounds"] = georef.bounds(scene.height, scene.width) if georef else None
+    if isinstance(scene, OscdScene):
+        native = scene.native_gsd_m()
+        info["grid_gsd_m"] = round(scene.gsd_m, 2)
+        info["bands"] = [
+            {"name": b, "common_name": common_name(b), "gsd_m": round(native[b], 2),
+             "dtype": str(s.dtype), "file": s.path.name, "layout": _layout(s)}
+            for b, s in scene._scenes.items()
+        ]
+    else:
+        info["bands"] = [
+            {"name": b, "common_name": common_name(b), "gsd_m": round(scene.gsd_m, 2),
+             "dtype": str(scene.dtype)} for b in scene.bands
+        ]
+        info.update(_layout(scene))
+    return info
+
+
+def _layout(scene: GeoTiffScene) -> dict[str, Any]:
+    return {"tiling": f"tiles {scene.tile_shape[0]}×{scene.tile_shape[1]}" if scene.tile_shape
+            else f"strips of {scene._seg_h} rows", "compression": scene.compression}
+
+
+def _print_text(info: dict[str, Any], indent: str = "") -> None:
+    if info.get("kind") == "oscd-city":
+        print(f"{info['path']}: OSCD city, 2 dates, change mask: "
+              f"{'yes' if info['change_mask'] else 'no'}")
+        for i, date in enumerate(info["dates"], 1):
+            print(f"date {i}:")
+            _print_text(date, "  ")
+        return
+    size = info["size"]
+    print(f"{indent}path:     {info['path']}")
+    print(f"{indent}size:     {size['width']} × {size['height']} px (width × height)")
+    print(f"{indent}acquired: {info['acquired'] or 'unknown'}")
+    print(f"{indent}crs:      {info['crs'] or 'none'}")
+    if info["bounds"]:
+        w, s, e, n = info["bounds"]
+        print(f"{indent}bounds:   west {w:.6f}, south {s:.6f}, east {e:.6f}, north {n:.6f}")
+    if "grid_gsd_m" in info:
+        print(f"{indent}grid:     {info['grid_gsd_m']} m (all bands resampled onto it)")
+    else:
+        print(f"{indent}layout:   {info['tiling']}, compression {info['compression']}")
+    print(f"{indent}bands:    {len(info['bands'])}")
+    for band in info["bands"]:
+        extra = f"  {band['file']}, {band['layout']['tiling']}, " \
+                f"{band['layout']['compression']}" if "file" in band else ""
+        print(f"{indent}  {band['name']:<8} {band['common_name']:<9} {band['gsd_m']:>7.2f} m  "
+              f"{band['dtype']}{extra}")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_text(info)
+    return 0

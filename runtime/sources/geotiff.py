@@ -1,0 +1,233 @@
+"""A multi-band GeoTIFF scene, read window by window from its strips or tiles."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import OrderedDict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from onboard.runtime.errors import (
+    BandError,
+    CorruptTiffError,
+    GeoreferenceError,
+    NotATiffError,
+    SceneError,
+)
+from onboard.runtime.frame import Frame, valid_mask
+from onboard.runtime.georef import Georef, read_georef
+from onboard.runtime.windows import Window
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_CACHE_BYTES = 64 * 2**20
+
+
+class GeoTiffScene:
+    """One GeoTIFF holding all bands of a scene (chunky or planar, tiled or striped).
+
+    Only the segments under a requested window are read and decoded; a small cache keeps recently
+    decoded segments so that overlapping tiles do not decode the same data twice.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        bands: list[str] | None = None,
+        nodata: float | None = None,
+        acquired: datetime | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.source_id = str(self.path)
+        self.nodata = nodata
+        self._tif = _open_tiff(self.path)
+        try:
+            self._init_layout()
+            self._init_metadata(bands, acquired)
+        except Exception:
+            self._tif.close()
+            raise
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+
+    def _init_layout(self) -> None:
+        page = self._tif.pages.first
+        self._page = page
+        planes, depth, length, width, samples = page.shaped
+        if depth != 1:
+            raise SceneError(self.path, f"volumetric TIFFs (depth {depth}) are not scenes")
+        if page.compression != 1:
+            try:
+                page.decode  # noqa: B018 - raises here if the codec is not available
+            except Exception as error:  # tifffile raises several types for this
+                raise CorruptTiffError(self.path, f"cannot decode: {error}") from error
+        self.height, self.width = int(length), int(width)
+        self.count = int(planes * samples)
+        self.dtype = page.dtype
+        self._planar = planes > 1
+        if page.is_tiled:
+            self._seg_h, self._seg_w = int(page.tilelength), int(page.tilewidth)
+        else:
+            self._seg_h, self._seg_w = min(int(page.rowsperstrip), self.height), self.width
+        self._down = math.ceil(self.height / self._seg_h)
+        self._across = math.ceil(self.width / self._seg_w)
+        offsets, counts = page.dataoffsets, page.databytecounts
+        expected = (planes if self._planar else 1) * self._down * self._across
+        if len(offsets) != expected:
+            raise CorruptTiffError(
+                self.path, f"{len(offsets)} data segments where the layout needs {expected}"
+            )
+        size = os.path.getsize(self.path)
+        ends = [o + c for o, c in zip(offsets, counts, strict=True) if c]
+        if ends and max(ends) > size:
+            raise CorruptTiffError(
+                self.path,
+                f"truncated: image data runs to byte {max(ends)} but the file has {size} bytes",
+            )
+
+    def _init_metadata(self, bands: list[str] | None, acquired: datetime | None) -> None:
+        page = self._page
+        meta = _onboard_metadata(page)
+        names = bands or meta.get("bands") or [f"band{i + 1}" for i in range(self.count)]
+        if len(names) != self.count:
+            raise BandError(
+                self.path, f"{len(names)} band names given for {self.count} bands in the file"
+            )
+        self.bands = tuple(names)
+        tags = {tag.code: tag.value for tag in page.tags.values()}
+        try:
+            self.georef: Georef | None = read_georef(tags, self.path)
+        except GeoreferenceError:
+            raise
+        except Exception as error:  # malformed tag values
+            raise GeoreferenceError(self.path, f"unreadable GeoTIFF tags: {error}") from error
+        if self.georef is not None:
+            self.gsd_m = float(min(self.georef.gsd_m(self.height)))
+        else:
+            self.gsd_m = float(meta.get("gsd_m", float("nan")))
+        when = acquired or meta.get("acquired")
+        self.acquired = datetime.fromisoformat(when) if isinstance(when, str) else when
+        self.tile_shape = (self._seg_h, self._seg_w) if page.is_tiled else None
+        self.compression = page.compression.name if hasattr(page.compression, "name") else str(
+            page.compression
+        )
+
+    def close(self) -> None:
+        self._tif.close()
+
+    def __enter__(self) -> GeoTiffScene:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GeoTiffScene({str(self.path)!r}, {self.count}×{self.height}×{self.width})"
+
+    def read(self, window: Window) -> Frame:
+        pixels = self.read_pixels(window)
+        return Frame(
+            pixels=pixels,
+            bands=self.bands,
+            gsd_m=self.gsd_m,
+            georef=None if self.georef is None else self.georef.window(
+                window.col_off, window.row_off
+            ),
+            acquired=self.acquired,
+            source_id=self.source_id,
+            valid=valid_mask(pixels, self.nodata),
+        )
+
+    def read_pixels(self, window: Window) -> np.ndarray:
+        """Pixels (bands, height, width) under ``window``, which must lie inside the scene."""
+        r0, c0, h, w = window.row_off, window.col_off, window.height, window.width
+        if r0 < 0 or c0 < 0 or r0 + h > self.height or c0 + w > self.width or h <= 0 or w <= 0:
+            raise SceneError(
+                self.path, f"window {window} is outside the {self.height}×{self.width} scene"
+            )
+        out = np.empty((self.count, h, w), dtype=self.dtype)
+        planes = range(self.count) if self._planar else range(1)
+        for ty in range(r0 // self._seg_h, (r0 + h - 1) // self._seg_h + 1):
+            for tx in range(c0 // self._seg_w, (c0 + w - 1) // self._seg_w + 1):
+                sy, sx = ty * self._seg_h, tx * self._seg_w
+                # overlap of the segment and the window, in image coordinates
+                y0, y1 = max(r0, sy), min(r0 + h, sy + self._seg_h, self.height)
+                x0, x1 = max(c0, sx), min(c0 + w, sx + self._seg_w, self.width)
+                for plane in planes:
+                    index = (plane * self._down + ty) * self._across + tx
+                    seg = self._segment(index)  # (seg_h, seg_w, samples)
+                    block = seg[y0 - sy : y1 - sy, x0 - sx : x1 - sx]
+                    target = out[:, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0]
+                    if self._planar:
+                        target[plane] = block[..., 0]
+                    else:
+                        target[:] = np.moveaxis(block, -1, 0)
+        return out
+
+    def _segment(self, index: int) -> np.ndarray:
+        cached = self._cache.get(index)
+        if cached is not None:
+            self._cache.move_to_end(index)
+            return cached
+        page = self._page
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        samples = 1 if self._planar else self.count
+        if count == 0:  # sparse TIFF: an empty segment reads as zeros
+            seg = np.zeros((self._seg_h, self._seg_w, samples), dtype=self.dtype)
+        else:
+            fh = self._tif.filehandle
+            fh.seek(offset)
+            data = fh.read(count)
+            if len(data) != count:
+                raise CorruptTiffError(self.path, f"truncated: segment {index} is incomplete")
+            try:
+                decoded, _, shape = page.decode(data, index)
+            except Exception as error:  # codecs raise their own types
+                raise CorruptTiffError(
+                    self.path, f"segment {index} at byte {offset} cannot be decoded: {error}"
+                ) from error
+            if decoded is None:
+                raise CorruptTiffError(self.path, f"segment {index} decoded to nothing")
+            seg = decoded.reshape(shape[1:])  # drop depth: (length, width, samples)
+        self._cache[index] = seg
+        self._cache_bytes += seg.nbytes
+        while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes
+        return seg
+
+
+def _open_tiff(path: Path) -> tifffile.TiffFile:
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except FileNotFoundError:
+        raise SceneError(path, "file not found") from None
+    except OSError as error:
+        raise SceneError(path, f"cannot be read: {error.strerror or error}") from error
+    if magic not in _TIFF_MAGIC:
+        raise NotATiffError(path, f"not a TIFF file (starts with {magic!r})")
+    try:
+        tif = tifffile.TiffFile(path)
+        _ = tif.pages.first.shaped
+    except Exception as error:  # tifffile raises TiffFileError, ValueError, struct.error...
+        raise CorruptTiffError(path, f"corrupt or truncated TIFF: {error}") from error
+    if len(tif.pages) == 0:
+        tif.close()
+        raise CorruptTiffError(path, "TIFF has no images")
+    return tif
+
+
+def _onboard_metadata(page: Any) -> dict[str, Any]:
+    """The metadata onboard's product writer stores in ImageDescription, if present."""
+    try:
+        meta = json.loads(page.description or "{}")
+    except ValueError:
+        return {}
+    value = meta.get("onboard") if isinstance(meta, dict) else None
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,139 @@
+"""Windows, tiling with overlap, and seamless stitching back to the full grid."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from onboard.runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Window:
+    """A rectangle of pixels: offsets and size on the full grid."""
+
+    row_off: int
+    col_off: int
+    height: int
+    width: int
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return (
+            slice(self.row_off, self.row_off + self.height),
+            slice(self.col_off, self.col_off + self.width),
+        )
+
+    def relative_to(self, outer: Window) -> Window:
+        """This window in the coordinates of ``outer``, which contains it."""
+        return Window(self.row_off - outer.row_off, self.col_off - outer.col_off,
+                      self.height, self.width)
+
+    def scaled(self, factor: int) -> Window:
+        return Window(self.row_off * factor, self.col_off * factor,
+                      self.height * factor, self.width * factor)
+
+
+@dataclass(frozen=True)
+class TilePlacement:
+    """Where a tile is read from, and the part of it (``core``) that it owns when stitching."""
+
+    index: int
+    window: Window
+    core: Window
+
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    # The last tile is moved inward so that every tile is whole and the edge is covered.
+    starts.append(length - tile)
+    return sorted(set(starts))
+
+
+def _cores(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
+    """Split [0, length) among tiles at the middle of each overlap, so that seams fall where
+    both neighbours have context on either side."""
+    bounds = [0]
+    for left, right in zip(starts, starts[1:], strict=False):
+        bounds.append((right + min(left + tile, length)) // 2)
+    bounds.append(length)
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Cuts a ``height`` × ``width`` grid into ``tile`` × ``tile`` windows overlapping by
+    ``overlap`` pixels. Edge tiles are shifted inward, so all tiles are whole when the grid is at
+    least one tile in size."""
+
+    height: int
+    width: int
+    tile: int = 256
+    overlap: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tile <= 0:
+            raise ConfigError(f"tile size must be positive, got {self.tile}")
+        if not 0 <= self.overlap < self.tile:
+            raise ConfigError(f"overlap must be in [0, tile), got {self.overlap}")
+        if self.height <= 0 or self.width <= 0:
+            raise ConfigError(f"grid must be non-empty, got {self.height}×{self.width}")
+
+    def __iter__(self) -> Iterator[TilePlacement]:
+        stride = self.tile - self.overlap
+        rows = _starts(self.height, self.tile, stride)
+        cols = _starts(self.width, self.tile, stride)
+        th, tw = min(self.tile, self.height), min(self.tile, self.width)
+        row_cores = _cores(rows, th, self.height)
+        col_cores = _cores(cols, tw, self.width)
+        index = 0
+        for r, (r0, r1) in zip(rows, row_cores, strict=True):
+            for c, (c0, c1) in zip(cols, col_cores, strict=True):
+                yield TilePlacement(index, Window(r, c, th, tw), Window(r0, c0, r1 - r0, c1 - c0))
+                index += 1
+
+    def __len__(self) -> int:
+        stride = self.tile - self.overlap
+        return len(_starts(self.height, self.tile, stride)) * len(
+            _starts(self.width, self.tile, stride)
+        )
+
+
+class Stitcher:
+    """Puts tile results back on the full grid; each tile contributes only its core.
+
+    ``scale`` is the output's sampling relative to the input grid (2 for ×2 super-resolution).
+    """
+
+    def __init__(self, grid: TileGrid, channels: int, dtype: np.dtype | type, scale: int = 1):
+        self.grid = grid
+        self.scale = scale
+        self.out = np.zeros((channels, grid.height * scale, grid.width * scale), dtype=dtype)
+        self._filled = 0
+
+    def add(self, placement: TilePlacement, result: np.ndarray) -> None:
+        expected = (placement.window.height * self.scale, placement.window.width * self.scale)
+        if result.ndim == 2:
+            result = result[None]
+        if result.shape[1:] != expected:
+            raise ValueError(f"tile {placement.index} result is {result.shape[1:]}, "
+                             f"expected {expected}")
+        inner = placement.core.relative_to(placement.window).scaled(self.scale)
+        self.out[(slice(None), *placement.core.scaled(self.scale).slices)] = result[
+            (slice(None), *inner.slices)
+        ]
+        self._filled += placement.core.height * placement.core.width
+
+    @property
+    def complete(self) -> bool:
+        return self._filled == self.grid.height * self.grid.width
+
+
+def tile_array(pixels: np.ndarray, grid: TileGrid) -> Iterator[tuple[TilePlacement, np.ndarray]]:
+    """Tiles of an in-memory (bands, height, width) array."""
+    for placement in grid:
+        yield placement, pixels[(slice(None), *placement.window.slices)]
