@@ -1,0 +1,1 @@
+"""The model zoo: architectures, training scripts, model cards and trained weights."""
