@@ -54,3 +54,20 @@ class ProductWriteError(OnboardError, OSError):
 
 class ConfigError(OnboardError, ValueError):
     """A configuration file or option is invalid."""
+
+
+class CompileError(OnboardError, ValueError):
+    """``onboard compile`` cannot turn the given model, data or options into a bundle."""
+
+
+class AccuracyGateError(CompileError):
+    """A compile step lost more of the model's metric than ``--max-drop`` allows."""
+
+    def __init__(self, message: str, step: str = "", report: dict | None = None) -> None:
+        self.step = step
+        self.report = report
+        super().__init__(message)
+
+
+class SizeBudgetError(CompileError):
+    """The bundle is larger than the uplink budget (``--max-size``)."""
