@@ -92,7 +92,8 @@ def write_geotiff(
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
-        raise ProductWriteError(f"{path}: cannot write product: {error.strerror or error}") from error
+        reason = error.strerror or error
+        raise ProductWriteError(f"{path}: cannot write product: {reason}") from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -16,7 +16,7 @@ class Telemetry:
         self._own = isinstance(sink, (str, Path))
         if isinstance(sink, (str, Path)):
             Path(sink).parent.mkdir(parents=True, exist_ok=True)
-            self._stream: IO[str] | None = open(sink, "a", encoding="utf-8")  # noqa: SIM115
+            self._stream: IO[str] | None = open(sink, "a", encoding="utf-8")
         else:
             self._stream = sink
         self.events: list[dict[str, Any]] = []

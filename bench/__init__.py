@@ -1,0 +1,1 @@
+"""Benchmarks: hardware-in-loop tables of latency, throughput, memory, size and accuracy."""

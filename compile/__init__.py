@@ -1,0 +1,1 @@
+"""Ground side: prune, quantise, export and bundle trained models for a target."""
