@@ -71,3 +71,45 @@ class AccuracyGateError(CompileError):
 
 class SizeBudgetError(CompileError):
     """The bundle is larger than the uplink budget (``--max-size``)."""
+
+
+class BundleError(OnboardError, ValueError):
+    """A model bundle cannot be trusted or used: damaged, malformed, or not for this runtime."""
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"{where}{problem}")
+
+
+class BundleChecksumError(BundleError):
+    """A bundle's bytes do not match its checksums (bit flip on uplink, truncated file, ...)."""
+
+
+class BundleSchemaError(BundleError):
+    """A bundle's manifest is from a newer schema, or is missing or has invalid fields."""
+
+
+class BundleFormatError(BundleError):
+    """The file is not a bundle, or a member the manifest names (an engine file) is missing."""
+
+
+class BundleNotFoundError(OnboardError, FileNotFoundError):
+    """The bundle file does not exist or cannot be read."""
+
+
+class EngineError(OnboardError, RuntimeError):
+    """An inference engine cannot be loaded or failed while running."""
+
+
+class EngineUnavailableError(EngineError):
+    """The backend or device asked for is not installed or not present on this machine."""
+
+
+class EngineVersionError(EngineError):
+    """A compiled engine was built by another toolchain version (TensorRT) than the one here."""
+
+
+class EngineInputError(EngineError, ValueError):
+    """A batch given to an engine has the wrong shape, band count or data type."""
