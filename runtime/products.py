@@ -31,6 +31,7 @@ def write_geotiff(
     shape: tuple[int, int, int] | None = None,
     dtype: np.dtype | type | None = None,
     compression: str = "zstd",
+    level: int | None = None,
     tile: int = 256,
     acquired: datetime | None = None,
     source_id: str = "",
@@ -66,8 +67,8 @@ def write_geotiff(
         # floating-point predictor.
         predictor = 3 if dtype.kind == "f" else 2
         options = {"compression": compression, "predictor": predictor}
-    if compression == "zstd":
-        options["compressionargs"] = {"level": 9}
+    if level is not None and compression != "none":
+        options["compressionargs"] = {"level": level}
     extratags = list(georef.to_tags()) if georef is not None else []
     extratags.append((42112, "s", 0, _gdal_metadata(bands), True))
     tmp = path.with_name(f".{path.name}.partial")
