@@ -64,6 +64,8 @@ class OscdScene:
             grid = (finest.georef, finest.height, finest.width)  # type: ignore[assignment]
         self.georef, self.height, self.width = grid
         self.gsd_m = float(min(self.georef.gsd_m(self.height)))
+        if acquired is None and self.folder.name in ("imgs_1", "imgs_2"):
+            acquired = _read_dates(self.folder.parent)[int(self.folder.name[-1]) - 1]
         self.acquired = acquired
         self.dtype = np.result_type(*(s.dtype for s in self._scenes.values()))
         self._maps = {b: self._index_map(s) for b, s in self._scenes.items()}
