@@ -1,0 +1,111 @@
+"""ONNX Runtime: the flight runtime's default engine (CPU everywhere; CUDA/TensorRT when present).
+
+Devices: ``cpu``; ``cuda`` or ``cuda:N`` (TensorRT execution provider first when this
+onnxruntime has it, then CUDA, CPU for what they cannot run); ``auto`` (the best present).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onboard.runtime.engines.base import Engine
+from onboard.runtime.errors import EngineError, EngineUnavailableError
+
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+class OnnxRuntimeEngine(Engine):
+    backend = "onnxruntime"
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        member = self.manifest.engines.get("onnxruntime")
+        if member is None:
+            raise EngineError(f"{self._where}: the bundle carries no ONNX model (it has "
+                              f"{sorted(self.manifest.engines)})")
+        providers = self._providers(ort.get_available_providers())
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        # Warnings only; shape warnings of models exported with fixed tile sizes are noise.
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(self.bundle.read(member), options,
+                                                 providers=providers)
+        except Exception as error:  # onnxruntime raises its own, unrelated exception types
+            raise EngineError(f"{self._where}: ONNX Runtime cannot load {member}: "
+                              f"{error}") from error
+        self.providers: list[str] = self._session.get_providers()
+        wanted_gpu = [p for p, _ in providers if p in _GPU_PROVIDERS]
+        if self.device != "auto" and wanted_gpu and not set(wanted_gpu) & set(self.providers):
+            # onnxruntime falls back to CPU silently when CUDA fails to initialise.
+            raise EngineUnavailableError(
+                f"{self._where}: {', '.join(wanted_gpu)} failed to initialise; the session "
+                f"runs on {self.providers}")
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise EngineError(f"{self._where}: the model has {len(inputs)} inputs, expected 1")
+        self._input_name = inputs[0].name
+        self._input_half = inputs[0].type == "tensor(float16)"
+        self._output_name = self._session.get_outputs()[0].name
+        self.model_input_shape = tuple(d if isinstance(d, int) and d > 0 else None
+                                       for d in inputs[0].shape)
+
+    def _providers(self, available: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        providers = self._gpu_providers(available)
+        if self.precision != self.manifest.precision and not (
+                providers and providers[0][0] == "TensorrtExecutionProvider"):
+            # Only the TensorRT provider can lower precision at load; the others run as stored.
+            raise EngineError(
+                f"{self._where}: ONNX Runtime here runs the model as stored "
+                f"({self.manifest.precision}); precision {self.precision} needs the TensorRT "
+                "execution provider, another bundle or another backend")
+        return [*providers, ("CPUExecutionProvider", {})]
+
+    def _gpu_providers(self, available: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        device = self.device.lower()
+        if device == "cpu":
+            return []
+        if device == "auto":
+            index = 0
+        elif device == "cuda" or device == "gpu":
+            index = 0
+        elif device.startswith("cuda:") and device[5:].isdigit():
+            index = int(device[5:])
+        else:
+            raise EngineUnavailableError(
+                f"{self._where}: unknown device {self.device!r} for ONNX Runtime; use cpu, "
+                "cuda, cuda:N or auto")
+        providers: list[tuple[str, dict[str, Any]]] = []
+        if "TensorrtExecutionProvider" in available:
+            options: dict[str, Any] = {"device_id": index,
+                                       "trt_fp16_enable": self.precision == "fp16",
+                                       "trt_int8_enable": self.precision == "int8"}
+            if self.cache_dir is not None:
+                # The provider keys its cache by model, GPU and TensorRT version itself.
+                cache = Path(self.cache_dir) / "ort-tensorrt"
+                cache.mkdir(parents=True, exist_ok=True)
+                options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache))
+            providers.append(("TensorrtExecutionProvider", options))
+        if "CUDAExecutionProvider" in available:
+            providers.append(("CUDAExecutionProvider", {"device_id": index}))
+        if not providers and device != "auto":
+            raise EngineUnavailableError(
+                f"{self._where}: device {self.device!r} needs onnxruntime-gpu (CUDA or "
+                f"TensorRT execution provider); this onnxruntime has {available}")
+        return providers
+
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        feed = chunk.astype(np.float16) if self._input_half else chunk
+        return self._session.run([self._output_name], {self._input_name: feed})[0]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "providers": self.providers}
+
+    def _release(self) -> None:
+        self._session = None

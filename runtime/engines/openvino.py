@@ -1,0 +1,150 @@
+"""OpenVINO: Intel CPUs, GPUs, NPUs (and Movidius MYRIAD on OpenVINO 2022.3 LTS only).
+
+Devices: ``cpu``, ``gpu``, ``npu``, ``myriad``, ``auto``, or any OpenVINO device name
+(``GPU.1``). The bundle's OpenVINO IR is used when it carries one, else its ONNX model (OpenVINO
+reads ONNX directly). Both are read from memory: nothing is extracted to flash.
+
+The inference precision is always set explicitly and read back after compiling: on CPUs with
+AMX/AVX512-BF16, OpenVINO otherwise runs an fp32 model in bf16 without saying so, which moves
+class scores by far more than the 1e-4 the engines are held to.
+
+MYRIAD (Neural Compute Stick 2, Myriad X VPU) was dropped after OpenVINO 2022.3 LTS. To fly on
+one, install ``openvino==2022.3.*`` (its Python API lives in ``openvino.runtime``, which this
+engine falls back to); MYRIAD runs fp16 only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from onboard.runtime.engines.base import Engine
+from onboard.runtime.errors import EngineError, EngineUnavailableError
+
+_DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "myriad": "MYRIAD", "auto": "AUTO"}
+# onboard precision -> OpenVINO INFERENCE_PRECISION_HINT. int8 models carry their own
+# FakeQuantize nodes; what is left around them runs in f32.
+_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
+# Devices that compile static shapes only.
+_STATIC_ONLY = ("NPU", "MYRIAD")
+
+
+def _openvino() -> Any:
+    try:
+        import openvino as ov
+
+        ov.Core  # noqa: B018 - 2022.3 has no top-level Core; fall through to openvino.runtime
+        return ov
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from openvino import runtime as ov_runtime
+    except ImportError as error:
+        raise EngineUnavailableError(
+            "OpenVINO is not installed: pip install 'onboard[openvino]'") from error
+    return ov_runtime
+
+
+class OpenVinoEngine(Engine):
+    backend = "openvino"
+
+    def _load(self) -> None:
+        ov = _openvino()
+        core = ov.Core()
+        device = self._device_name(core)
+        model = self._read_model(ov, core)
+        if len(model.inputs) != 1:
+            raise EngineError(f"{self._where}: the model has {len(model.inputs)} inputs, "
+                              "expected 1")
+        partial = model.inputs[0].get_partial_shape()
+        if device.split(".")[0] in _STATIC_ONLY and partial.is_dynamic:
+            tile = self.input_spec.tile_size
+            model.reshape({model.inputs[0]: [self.batch_size, len(self.input_spec.bands),
+                                             tile, tile]})
+            partial = model.inputs[0].get_partial_shape()
+
+        if self.precision not in _HINTS:
+            raise EngineError(f"{self._where}: unknown precision {self.precision!r}")
+        hint = _HINTS[self.precision]
+        config: dict[str, Any] = {}
+        supported = self._supported_properties(core, device)
+        if "INFERENCE_PRECISION_HINT" in supported:
+            config["INFERENCE_PRECISION_HINT"] = hint
+        elif self.precision == "fp32" and device.split(".")[0] not in ("AUTO",):
+            raise EngineError(f"{self._where}: OpenVINO device {device} cannot be told to run "
+                              "fp32; refusing rather than letting it pick a lower precision")
+        if self.threads and "INFERENCE_NUM_THREADS" in supported:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        try:
+            self._compiled = core.compile_model(model, device, config)
+        except Exception as error:  # OpenVINO raises RuntimeError and its own types
+            raise EngineError(f"{self._where}: OpenVINO cannot compile the model for "
+                              f"{device}: {error}") from error
+        self.inference_precision = self._read_back_precision()
+        if "INFERENCE_PRECISION_HINT" in config and self.inference_precision not in (None, hint):
+            raise EngineError(f"{self._where}: asked OpenVINO for {hint}, it compiled "
+                              f"{self.inference_precision}")
+        self.ov_device = device
+        self._request = self._compiled.create_infer_request()
+        self.model_input_shape = tuple(
+            d.get_length() if d.is_static else None for d in partial)
+
+    def _device_name(self, core: Any) -> str:
+        wanted = _DEVICES.get(self.device.lower(), self.device)
+        available = list(core.available_devices)
+        if wanted == "AUTO" or wanted in available or (
+                "." not in wanted and any(d.split(".")[0] == wanted for d in available)):
+            return wanted
+        note = ""
+        if wanted == "MYRIAD":
+            note = ("; MYRIAD needs OpenVINO 2022.3 LTS, the last release with the MYRIAD "
+                    "plugin (pip install 'openvino==2022.3.*')")
+        raise EngineUnavailableError(
+            f"{self._where}: OpenVINO device {wanted} is not present; this machine has "
+            f"{available}{note}")
+
+    def _read_model(self, ov: Any, core: Any) -> Any:
+        engines = self.manifest.engines
+        try:
+            if "openvino" in engines:
+                xml = engines["openvino"]
+                weights = xml[: -len(".xml")] + ".bin"
+                blob = np.frombuffer(self.bundle.read(weights), np.uint8)
+                return core.read_model(self.bundle.read(xml), ov.Tensor(blob))
+            if "onnxruntime" in engines:
+                return core.read_model(self.bundle.read(engines["onnxruntime"]))
+        except EngineError:
+            raise
+        except Exception as error:
+            raise EngineError(f"{self._where}: OpenVINO cannot read the model: "
+                              f"{error}") from error
+        raise EngineError(f"{self._where}: the bundle carries neither an OpenVINO IR nor an ONNX "
+                          f"model (it has {sorted(engines)})")
+
+    @staticmethod
+    def _supported_properties(core: Any, device: str) -> set[str]:
+        try:
+            return {str(p) for p in core.get_property(device, "SUPPORTED_PROPERTIES")}
+        except Exception:  # a plugin that cannot even list its properties supports none
+            return set()
+
+    def _read_back_precision(self) -> str | None:
+        try:
+            value = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        except Exception:  # AUTO and some plugins do not report it
+            return None
+        return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        self._request.infer({0: chunk})
+        # The request reuses its output buffer on the next call.
+        return self._request.get_output_tensor(0).data.copy()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "ov_device": self.ov_device,
+                "inference_precision": self.inference_precision}
+
+    def _release(self) -> None:
+        self._request = None
+        self._compiled = None
