@@ -1,0 +1,87 @@
+"""OpenVINO IR from the ONNX graph: fp32, fp16 (compressed weights) and INT8 with NNCF.
+
+INT8 uses NNCF's post-training quantisation on the OpenVINO model, calibrated on the model's
+own training tiles. With an accuracy budget (``--max-drop``) it uses
+``nncf.quantize_with_accuracy_control``, which keeps the layers that hurt the metric most in
+floating point until the drop on the validation set is within budget.
+
+Myriad X (Movidius, as flown on Φ-Sat-1) is not supported by this OpenVINO: its MYRIAD plugin
+was removed after the 2022.3 LTS release. For a Myriad target, convert the ONNX graph of the
+bundle with OpenVINO 2022.3 LTS (``mo --input_model model.onnx --data_type FP16``); Myriad runs
+FP16 only, so an INT8 IR does not apply there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onboard.runtime.errors import CompileError
+
+
+def to_ir(onnx_path: Path, xml_path: Path, fp16: bool = False) -> Path:
+    """Convert an ONNX graph to IR (``.xml`` + ``.bin``); ``fp16`` halves the weights on disk.
+
+    On CPU an fp16 IR is decompressed to fp32 at load time (or run in bf16 if the precision
+    hint allows); it saves uplink bytes, and on GPU/VPU it is the native precision.
+    """
+    import openvino as ov
+
+    xml_path = Path(xml_path)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(str(onnx_path))
+    ov.save_model(model, str(xml_path), compress_to_fp16=fp16)
+    return xml_path
+
+
+def _items(tiles: np.ndarray) -> list[np.ndarray]:
+    return [np.ascontiguousarray(tiles[i:i + 1], dtype=np.float32) for i in range(len(tiles))]
+
+
+def quantize_nncf(onnx_path: Path, xml_path: Path, tiles: np.ndarray,
+                  validation: list[tuple[np.ndarray, np.ndarray]] | None = None,
+                  metric: Callable[[list[np.ndarray], list[np.ndarray]], float] | None = None,
+                  max_drop: float | None = None, seed: int = 0) -> tuple[Path, dict[str, Any]]:
+    """INT8 IR of ``onnx_path`` written to ``xml_path``; returns (path, details).
+
+    With ``validation``, ``metric`` and ``max_drop`` given, quantisation is accuracy-controlled
+    (absolute drop of ``metric`` on ``validation`` at most ``max_drop``).
+    """
+    import nncf
+    import openvino as ov
+
+    if tiles.ndim != 4 or len(tiles) == 0:
+        raise CompileError(f"calibration tiles must be a non-empty NCHW array, got {tiles.shape}")
+    model = ov.convert_model(str(onnx_path))
+    calibration = nncf.Dataset(_items(tiles))
+    subset = len(tiles)  # all tiles: deterministic and the set is small
+    details: dict[str, Any] = {"method": "nncf.quantize", "calibration_tiles": len(tiles)}
+    if validation is not None and metric is not None and max_drop is not None:
+        def validate(compiled: Any, data: Any) -> float:
+            output = compiled.output(0)
+            outs, labels = [], []
+            for x, y in data:
+                outs.append(np.array(compiled({0: x})[output]))
+                labels.append(y)
+            return float(metric(outs, labels))
+
+        quantized = nncf.quantize_with_accuracy_control(
+            model, calibration, nncf.Dataset(list(validation)), validation_fn=validate,
+            max_drop=float(max_drop), drop_type=nncf.DropType.ABSOLUTE, subset_size=subset,
+        )
+        details["method"] = "nncf.quantize_with_accuracy_control"
+        details["max_drop"] = float(max_drop)
+    else:
+        quantized = nncf.quantize(model, calibration, subset_size=subset)
+    xml_path = Path(xml_path)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, str(xml_path), compress_to_fp16=False)
+    return xml_path, details
+
+
+def ir_files(xml_path: Path) -> list[Path]:
+    xml_path = Path(xml_path)
+    return [xml_path, xml_path.with_suffix(".bin")]

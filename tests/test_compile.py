@@ -1,0 +1,507 @@
+"""The compiler, step by step and end to end, on a small real cloud model.
+
+The model is a small U-Net-like conv net (with a skip connection, so pruning has to follow a
+concatenation) trained here for a few seconds on the committed UKIS crop (real Sentinel-2
+reflectance with human cloud / clear / shadow masks). Rows 0-95 train it, rows 96-127 (all
+three classes) validate it. Nothing stands in for an engine: every step runs torch, ONNX
+Runtime or OpenVINO for real.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch_pruning")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("openvino")
+
+from torch import nn  # noqa: E402
+
+from onboard.compile import (  # noqa: E402
+    CompileOptions,
+    compile_model,
+    export,
+    gate,
+    load_model,
+    measure,
+    openvino,
+    prune,
+    quantize,
+    runners,
+)
+from onboard.models.zoo import ZooModel  # noqa: E402
+from onboard.runtime.cli import main  # noqa: E402
+from onboard.runtime.errors import (  # noqa: E402
+    AccuracyGateError,
+    CompileError,
+    OnboardError,
+    SizeBudgetError,
+)
+
+DATA = Path(__file__).resolve().parent / "data"
+BANDS = ["blue", "green", "red", "nir", "swir16", "swir22"]
+TILE = 32
+CLEAR, CLOUD, SHADOW, IGNORE = 0, 1, 2, 255
+
+
+class TinyCloudNet(nn.Module):
+    """Encoder, a stride-2 stage, nearest upsampling and a skip concatenation, then a 1x1 head."""
+
+    def __init__(self, bands: int = 6, classes: int = 3, width: int = 16) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.enc = block(bands, width)
+        self.down = nn.Sequential(block(width, 2 * width, 2), block(2 * width, 2 * width))
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec = block(3 * width, width)
+        self.head = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.enc(x)
+        return self.head(self.dec(torch.cat([e, self.up(self.down(e))], 1)))
+
+
+class NarrowCloudNet(TinyCloudNet):
+    def __init__(self) -> None:
+        super().__init__(width=8)
+
+
+def _scene(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(Path(root) / "ukis_6band_crop.npz")
+    image = np.ascontiguousarray(data["img"].transpose(2, 0, 1), dtype=np.float32)
+    mask = data["msk"][..., 0]
+    labels = np.full(mask.shape, IGNORE, np.int64)
+    labels[(mask == 1) | (mask == 3)] = CLEAR
+    labels[mask == 4] = CLOUD
+    labels[mask == 0] = SHADOW
+    return image, labels
+
+
+def _train_tiles(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    image, labels = _scene(root)
+    xs, ys = [], []
+    for r in range(0, 96 - TILE + 1, 16):
+        for c in range(0, 128 - TILE + 1, 16):
+            xs.append(image[:, r:r + TILE, c:c + TILE])
+            ys.append(labels[r:r + TILE, c:c + TILE])
+    return np.stack(xs), np.stack(ys)
+
+
+def train_batches(root: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    x, y = _train_tiles(root)
+    # Flips double the few tiles; fixed order so that fine-tuning is reproducible.
+    x = np.concatenate([x, x[..., ::-1]])
+    y = np.concatenate([y, y[..., ::-1]])
+    return [(np.ascontiguousarray(x[i:i + 14]), np.ascontiguousarray(y[i:i + 14]))
+            for i in range(0, len(x), 14)]
+
+
+def validation_batches(root: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    image, labels = _scene(root)
+    xs = [image[:, 96:128, c:c + TILE] for c in range(0, 128, TILE)]
+    ys = [labels[96:128, c:c + TILE] for c in range(0, 128, TILE)]
+    return [(np.stack(xs[:2]), np.stack(ys[:2])), (np.stack(xs[2:]), np.stack(ys[2:]))]
+
+
+def calibration_tiles(root: Path, n: int) -> np.ndarray:
+    return _train_tiles(root)[0][:n]
+
+
+def boa(outputs: list[np.ndarray], labels: list[np.ndarray]) -> float:
+    """Balanced overall accuracy: mean recall over the classes present."""
+    pred = np.concatenate([o.argmax(1).ravel() for o in outputs])
+    true = np.concatenate([np.asarray(y).ravel() for y in labels])
+    keep = true != IGNORE
+    pred, true = pred[keep], true[keep]
+    recalls = [float((pred[true == k] == k).mean()) for k in np.unique(true)]
+    return float(np.mean(recalls))
+
+
+def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, labels.long(), ignore_index=IGNORE)
+
+
+_CACHE: dict[str, Path] = {}
+
+
+def _trained_weights() -> Path:
+    """Train TinyCloudNet once per test session (a few seconds on 2 cores)."""
+    if "weights" not in _CACHE:
+        torch.manual_seed(0)
+        torch.set_num_threads(2)
+        model = TinyCloudNet()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        batches = train_batches(DATA)
+        for _ in range(12):
+            model.train()
+            for x, y in batches:
+                optimizer.zero_grad()
+                loss(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+                optimizer.step()
+        model.eval()
+        folder = Path(tempfile.mkdtemp(prefix="onboard-test-compile-"))
+        torch.save(model.state_dict(), folder / "tiny.pt")
+        _CACHE["weights"] = folder / "tiny.pt"
+    return _CACHE["weights"]
+
+
+def tiny_zoo() -> ZooModel:
+    """The zoo description of the test model (importable as ``test_compile:tiny_zoo``)."""
+    return ZooModel(
+        name="tiny-cloud-test", task="cloud", version="0.0.1", build=TinyCloudNet,
+        weights=_trained_weights(), bands=list(BANDS), input_scale=[1.0] * 6,
+        input_offset=[0.0] * 6, tile_size=TILE, gsd_m=30.0, output_kind="classes",
+        classes={CLEAR: "clear", CLOUD: "cloud", SHADOW: "shadow"}, metric_name="boa",
+        train_batches=train_batches, validation_batches=validation_batches,
+        calibration_tiles=calibration_tiles, loss=loss, metric=boa,
+        extra={"finetune_epochs": 6, "finetune_lr": 1e-2},
+    )
+
+
+def four_band_calibration_zoo() -> ZooModel:
+    """The same model whose calibration data wrongly carries only 4 bands."""
+    zoo = tiny_zoo()
+    zoo.calibration_tiles = lambda root, n: calibration_tiles(root, n)[:, :4]
+    return zoo
+
+
+@pytest.fixture(scope="module")
+def zoo() -> ZooModel:
+    return tiny_zoo()
+
+
+@pytest.fixture(scope="module")
+def trained(zoo: ZooModel) -> nn.Module:
+    return load_model(zoo.build, zoo.weights)
+
+
+@pytest.fixture(scope="module")
+def validation() -> list[tuple[np.ndarray, np.ndarray]]:
+    return validation_batches(DATA)
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(trained: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tile = torch.from_numpy(validation_batches(DATA)[0][0][:1])
+    return export.export_onnx(copy.deepcopy(trained), tile,
+                              tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def _metric(run: runners.Runner, validation: list) -> float:
+    return gate.evaluate(run, validation, boa)
+
+
+# --- steps -------------------------------------------------------------------------------------
+
+def test_trained_model_is_better_than_chance(trained: nn.Module, validation: list) -> None:
+    assert _metric(runners.torch_runner(trained), validation) > 0.6
+
+
+def test_prune_removes_channels_and_keeps_the_classifier(trained: nn.Module) -> None:
+    model = copy.deepcopy(trained)
+    example = torch.from_numpy(validation_batches(DATA)[0][0][:1])
+    params_before, macs_before = measure.torch_params_macs(model, example)
+    prune.prune_channels(model, example, 0.5)
+    params_after, macs_after = measure.torch_params_macs(model, example)
+    assert model.enc[0].out_channels == 8 and model.down[1][0].out_channels == 16
+    assert model.dec[0].in_channels == 8 + 16  # the concatenation followed the pruning
+    assert model.head.out_channels == 3 and model.head.in_channels == 8
+    assert params_after < 0.4 * params_before and macs_after < 0.4 * macs_before
+    assert model(example).shape == (1, 3, TILE, TILE)
+
+
+def test_fine_tune_recovers_pruned_accuracy(trained: nn.Module, validation: list) -> None:
+    model = copy.deepcopy(trained)
+    example = torch.from_numpy(validation[0][0][:1])
+    prune.prune_channels(model, example, 0.75)
+    pruned = _metric(runners.torch_runner(model), validation)
+    prune.fine_tune(model, lambda: train_batches(DATA), loss, epochs=4, lr=3e-3)
+    tuned = _metric(runners.torch_runner(model), validation)
+    assert tuned >= pruned
+
+
+def test_prune_ratio_out_of_range(trained: nn.Module) -> None:
+    example = torch.from_numpy(validation_batches(DATA)[0][0][:1])
+    with pytest.raises(CompileError, match="prune"):
+        prune.prune_channels(copy.deepcopy(trained), example, 1.0)
+
+
+def test_onnx_export_matches_torch(trained: nn.Module, onnx_fp32: Path,
+                                   validation: list) -> None:
+    x = np.concatenate([x for x, _ in validation])  # 4 tiles: the batch axis is dynamic
+    expected = runners.torch_runner(trained)(x)
+    got = runners.ort_runner(onnx_fp32)(x)
+    assert got.shape == expected.shape == (4, 3, TILE, TILE)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    model = onnx.load(str(onnx_fp32))
+    assert model.opset_import[0].version == export.OPSET
+    assert {n.op_type for n in model.graph.node} >= {"Conv", "Concat"}
+    assert "BatchNormalization" not in {n.op_type for n in model.graph.node}  # folded
+
+
+def test_onnx_macs_count_matches_the_architecture(onnx_fp32: Path) -> None:
+    hw, half = TILE * TILE, (TILE // 2) ** 2
+    expected = (hw * 16 * 6 * 9 + half * 32 * 16 * 9 + half * 32 * 32 * 9
+                + hw * 16 * 48 * 9 + hw * 3 * 16)
+    assert measure.onnx_macs(onnx_fp32) == expected
+    assert measure.onnx_macs(onnx_fp32, batch=4) == 4 * expected
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_ort_qdq_int8_graph(onnx_fp32: Path, tmp_path: Path, validation: list) -> None:
+    tiles = calibration_tiles(DATA, 16)
+    path = quantize.quantize_qdq(onnx_fp32, tmp_path / "q.onnx", tiles, "onnxruntime")
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    inits = _initializers(model)
+    activation_zps = [inits[n.input[2]] for n in model.graph.node
+                      if n.op_type == "QuantizeLinear"]
+    assert activation_zps and all(zp.dtype == np.uint8 for zp in activation_zps)
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    weight_dq = [n for n in model.graph.node
+                 if n.op_type == "DequantizeLinear" and n.output[0] in conv_weights]
+    assert len(weight_dq) == 5
+    for node in weight_dq:
+        weight, scale = inits[node.input[0]], inits[node.input[1]]
+        assert weight.dtype == np.int8
+        assert scale.shape == (weight.shape[0],)  # one scale per output channel
+    fp32 = _metric(runners.ort_runner(onnx_fp32), validation)
+    int8 = _metric(runners.ort_runner(path), validation)
+    assert abs(fp32 - int8) < 0.1
+    assert measure.onnx_macs(path) == measure.onnx_macs(onnx_fp32)
+
+
+def test_tensorrt_qdq_is_symmetric_int8(onnx_fp32: Path, tmp_path: Path) -> None:
+    path = quantize.quantize_qdq(onnx_fp32, tmp_path / "t.onnx", calibration_tiles(DATA, 16),
+                                 "tensorrt")
+    model = onnx.load(str(path))
+    inits = _initializers(model)
+    zps = [inits[n.input[2]] for n in model.graph.node
+           if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]
+    # Biases are int32 (scale = input scale x weight scale); everything else symmetric int8.
+    int8 = [zp for zp in zps if zp.dtype != np.int32]
+    assert int8 and all(zp.dtype == np.int8 and not zp.any() for zp in int8)
+    assert all(not zp.any() for zp in zps)
+    out = runners.ort_runner(path)(calibration_tiles(DATA, 2))
+    assert out.shape == (2, 3, TILE, TILE)
+
+
+def test_nncf_int8_ir_runs_in_openvino(onnx_fp32: Path, tmp_path: Path,
+                                       validation: list) -> None:
+    import openvino as ov
+
+    xml, details = openvino.quantize_nncf(onnx_fp32, tmp_path / "m.xml",
+                                          calibration_tiles(DATA, 16))
+    assert details["method"] == "nncf.quantize"
+    ops = {op.get_type_name() for op in ov.Core().read_model(str(xml)).get_ops()}
+    assert "FakeQuantize" in ops
+    int8 = _metric(runners.ov_runner(xml), validation)
+    fp32 = _metric(runners.ort_runner(onnx_fp32), validation)
+    assert abs(fp32 - int8) < 0.1
+
+
+def test_openvino_fp32_ir_matches_onnx(onnx_fp32: Path, tmp_path: Path,
+                                       validation: list) -> None:
+    xml = openvino.to_ir(onnx_fp32, tmp_path / "f.xml")
+    x = validation[0][0]
+    np.testing.assert_allclose(runners.ov_runner(xml)(x), runners.ort_runner(onnx_fp32)(x),
+                               atol=1e-4, rtol=1e-4)
+    xml16 = openvino.to_ir(onnx_fp32, tmp_path / "h.xml", fp16=True)
+    assert (measure.files_size_bytes(*openvino.ir_files(xml16))
+            < measure.files_size_bytes(*openvino.ir_files(xml)))
+
+
+# --- the gate ----------------------------------------------------------------------------------
+
+def _step(name: str, metric: float, gated: bool = True) -> gate.StepResult:
+    return gate.StepResult(name, "torch", "fp32", 1, 1, 1, 1.0, metric, gated=gated)
+
+
+def test_gate_names_the_step_that_lost_accuracy() -> None:
+    g = gate.Gate("boa", max_drop=0.01)
+    g.add(_step("fp32", 0.90))
+    g.add(_step("pruned", 0.70, gated=False))  # recovered by its fine-tune
+    g.add(_step("fine-tuned", 0.895))
+    with pytest.raises(AccuracyGateError, match="int8-qdq") as error:
+        g.add(_step("int8-qdq", 0.87))
+    assert error.value.step == "int8-qdq"
+    assert error.value.report["failed_step"] == "int8-qdq"
+    assert error.value.report["steps"][-1]["step_drop"] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("bad", [-0.01, float("nan"), float("inf"), "lots"])
+def test_nonsense_max_drop_is_refused(bad: object) -> None:
+    with pytest.raises(CompileError, match="max-drop"):
+        gate.check_max_drop(bad)
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def _compile(tmp_path: Path, *args: str, name: str = "b.onboard") -> tuple[int, Path]:
+    out = tmp_path / name
+    rc = main(["compile", "test_compile:tiny_zoo", "--data", str(DATA), "--out", str(out),
+               "--latency-repeats", "2", "--calibration-tiles", "16", *args])
+    return rc, out
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out.parent / f"{out.name}.report.json").read_text())
+
+
+def test_cli_onnxruntime_int8_pruned_bundle_runs(tmp_path: Path, validation: list) -> None:
+    bundle_mod = pytest.importorskip("onboard.runtime.bundle")
+    engines_mod = pytest.importorskip("onboard.runtime.engines")
+    rc, out = _compile(tmp_path, "--target", "onnxruntime", "--precision", "int8",
+                       "--prune", "0.5", "--max-drop", "0.2")
+    assert rc == 0
+    report = _report(out)
+    steps = [s["step"] for s in report["gate"]["steps"]]
+    assert steps == ["fp32", "pruned", "fine-tuned", "onnx-fp32", "int8-qdq"]
+    by_step = {s["step"]: s for s in report["gate"]["steps"]}
+    assert by_step["fine-tuned"]["params"] < by_step["fp32"]["params"]
+    assert by_step["int8-qdq"]["size_bytes"] < by_step["onnx-fp32"]["size_bytes"]
+    assert set(report["toolchain"]) >= {"torch", "onnx", "onnxruntime", "openvino", "nncf",
+                                        "torch_pruning"}
+    bundle = bundle_mod.Bundle.open(out)
+    assert bundle.manifest.engines == {"onnxruntime": "model.onnx"}
+    assert bundle.manifest.input.bands == BANDS
+    engine = engines_mod.open_engine(bundle, "onnxruntime", "cpu", threads=2, precision="int8")
+    assert boa([engine.run(x) for x, _ in validation], [y for _, y in validation]) \
+        == pytest.approx(by_step["int8-qdq"]["metric"])
+    assert (out.parent / f"{out.name}.report.md").read_text().startswith("# Compile report")
+
+
+def test_cli_openvino_int8_bundle_runs(tmp_path: Path, validation: list) -> None:
+    bundle_mod = pytest.importorskip("onboard.runtime.bundle")
+    engines_mod = pytest.importorskip("onboard.runtime.engines")
+    rc, out = _compile(tmp_path, "--target", "openvino", "--precision", "int8")
+    assert rc == 0
+    bundle = bundle_mod.Bundle.open(out)
+    assert bundle.manifest.engines == {"openvino": "model.xml"}
+    assert bundle.manifest.precision == "int8"
+    engine = engines_mod.open_engine(bundle, "openvino", "cpu", threads=2, precision="int8")
+    assert engine.run(validation[0][0]).shape == (2, 3, TILE, TILE)
+    assert _report(out)["gate"]["steps"][-1]["step"] == "ir-int8-nncf"
+
+
+def test_cli_tensorrt_int8_ships_qdq_onnx_and_manifest(tmp_path: Path) -> None:
+    bundle_mod = pytest.importorskip("onboard.runtime.bundle")
+    rc, out = _compile(tmp_path, "--target", "tensorrt", "--precision", "int8")
+    assert rc == 0
+    bundle = bundle_mod.Bundle.open(out)
+    assert bundle.manifest.engines == {"tensorrt": "model.qdq.onnx"}
+    trt = bundle.manifest.extra["tensorrt"]
+    assert trt["build_on_target"] and "INT8" in trt["builder_flags"]
+    assert trt["profile"]["opt"] == [1, 6, TILE, TILE]
+
+
+def test_same_inputs_give_the_same_metrics(zoo: ZooModel, tmp_path: Path) -> None:
+    pytest.importorskip("onboard.runtime.bundle")
+    options = dict(target="onnxruntime", precision="int8", prune=0.5, finetune_epochs=1,
+                   data_root=DATA, calibration_tiles=8, latency_repeats=1, verify=False)
+    first = compile_model(zoo, tmp_path / "a.onboard", CompileOptions(**options))
+    second = compile_model(zoo, tmp_path / "b.onboard", CompileOptions(**options))
+    assert [s.metric for s in first.steps] == [s.metric for s in second.steps]
+    assert [s.params for s in first.steps] == [s.params for s in second.steps]
+
+
+def test_cli_gate_failure_exits_non_zero_and_names_the_step(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # 90 % of the channels removed and no fine-tune: the pruned model is what would ship, and
+    # it cannot keep the fp32 accuracy within 0.01.
+    rc, out = _compile(tmp_path, "--target", "onnxruntime", "--prune", "0.9",
+                       "--finetune-epochs", "0", "--max-drop", "0.01")
+    assert rc == 1
+    assert "accuracy gate failed at step 'pruned'" in capsys.readouterr().err
+    assert not out.exists()
+    report = _report(out)
+    assert report["gate"]["failed_step"] == "pruned" and not report["gate"]["passed"]
+    assert report["gate"]["steps"][-1]["drop"] > 0.01
+
+
+def test_cli_max_size_refuses_an_oversized_bundle(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("onboard.runtime.bundle")
+    rc, out = _compile(tmp_path, "--target", "onnxruntime", "--max-size", "0.001",
+                       "--no-verify")
+    assert rc == 1
+    assert "uplink budget of 0.001 MB" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_size_budget_error_is_a_compile_error() -> None:
+    assert issubclass(SizeBudgetError, CompileError) and issubclass(CompileError, ValueError)
+    assert issubclass(AccuracyGateError, OnboardError)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target", "edgetpu"], "unknown target 'edgetpu'"),
+    (["--target", "openvino", "--precision", "int4"], "unknown precision 'int4'"),
+    (["--target", "openvino", "--max-drop", "-1"], "max-drop must be a finite number >= 0"),
+    (["--target", "openvino", "--prune", "1.5"], "prune must be a ratio in"),
+])
+def test_cli_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
+                         message: str) -> None:
+    rc, _ = _compile(tmp_path, *args)
+    assert rc == 1
+    assert message in capsys.readouterr().err
+
+
+def test_checkpoint_that_does_not_match_its_class(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    ck = tmp_path / "narrow.pt"
+    torch.save(NarrowCloudNet().state_dict(), ck)
+    rc, _ = _compile(tmp_path, "--target", "onnxruntime", "--checkpoint", str(ck),
+                     "--model-class", "test_compile:TinyCloudNet")
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert f"{ck}: checkpoint does not match model class test_compile.TinyCloudNet" in err
+    assert "size mismatch" in err
+    # The user's own checkpoint with its own class is accepted.
+    with pytest.raises(CompileError, match="not found"):
+        load_model(NarrowCloudNet, tmp_path / "missing.pt")
+    assert load_model(NarrowCloudNet, ck).enc[0].out_channels == 8
+
+
+def test_calibration_data_with_the_wrong_bands(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "x.onboard"
+    rc = main(["compile", "test_compile:four_band_calibration_zoo", "--data", str(DATA),
+               "--target", "onnxruntime", "--out", str(out)])
+    assert rc == 1
+    assert "calibration data from" in (err := capsys.readouterr().err)
+    assert "has 4 bands, but tiny-cloud-test takes 6 (blue, green, red, nir" in err
+
+
+def test_unknown_zoo_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["compile", "no-such-model", "--target", "onnxruntime",
+               "--out", str(tmp_path / "x.onboard")])
+    assert rc == 1
+    assert "no zoo model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_fp16_for_onnxruntime_without_converter_is_a_clear_error(onnx_fp32: Path,
+                                                                  tmp_path: Path) -> None:
+    try:
+        import onnxconverter_common  # noqa: F401
+    except ImportError:
+        with pytest.raises(CompileError, match="onnxconverter-common"):
+            quantize.convert_fp16(onnx_fp32, tmp_path / "h.onnx")
+    else:
+        path = quantize.convert_fp16(onnx_fp32, tmp_path / "h.onnx")
+        assert runners.ort_runner(path)(calibration_tiles(DATA, 1)).shape == (1, 3, TILE, TILE)
