@@ -194,12 +194,14 @@ class Bundle:
             raise BundleNotFoundError(f"{path}: no such bundle file")
         whole, body_ok, trailer_found = _verify_trailer(path)
         if not body_ok:
-            if not trailer_found and not _has_manifest(path):
+            if not trailer_found and not _has_manifest(path) and not _starts_like_bundle(path):
                 raise BundleFormatError(
                     path, f"not an onboard bundle (no {MANIFEST} and no bundle trailer)")
+            problem = _diagnose(path) if trailer_found else \
+                "no bundle trailer at the end: the file is truncated or its end is damaged"
             raise BundleChecksumError(
-                path, f"checksum mismatch: {_diagnose(path)}; the file is damaged (e.g. on "
-                      "uplink) and must not be used: send it again")
+                path, f"checksum mismatch: {problem}; the file is damaged (e.g. on uplink) "
+                      "and must not be used: send it again")
         try:
             archive = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as error:
@@ -501,6 +503,13 @@ def _has_manifest(path: Path) -> bool:
             return MANIFEST in archive.namelist()
     except Exception:
         return False
+
+
+def _starts_like_bundle(path: Path) -> bool:
+    # write_bundle puts the manifest first: its local header survives truncation.
+    with open(path, "rb") as handle:
+        header = handle.read(30 + len(MANIFEST))
+    return header[:4] == b"PK\x03\x04" and header[30:] == MANIFEST.encode()
 
 
 def _diagnose(path: Path) -> str:

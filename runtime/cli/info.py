@@ -1,23 +1,28 @@
-"""``onboard info PATH``: what a scene or an OSCD city folder holds."""
+"""``onboard info PATH``: what a scene, an OSCD city folder or a model bundle holds."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from onboard.runtime.bands import common_name
+from onboard.runtime.bundle import SUFFIX, Bundle, is_bundle
 from onboard.runtime.sources.geotiff import GeoTiffScene
 from onboard.runtime.sources.oscd import OscdPair, OscdScene
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", type=Path, help="GeoTIFF, OSCD city folder or band folder")
+    parser.add_argument("path", type=Path,
+                        help="GeoTIFF, OSCD city folder, band folder or bundle (.onboard)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def describe(path: Path) -> dict[str, Any]:
+    if path.suffix == SUFFIX or is_bundle(path):
+        return _bundle(path)
     if path.is_dir() and (path / "imgs_1").is_dir():
         pair = OscdPair(path)
         try:
@@ -34,6 +39,53 @@ def describe(path: Path) -> dict[str, Any]:
             scene.close()
     with GeoTiffScene(path) as tif:
         return {"kind": "geotiff", **_scene(tif)}
+
+
+def _bundle(path: Path) -> dict[str, Any]:
+    # Opening verifies every checksum: info on a damaged bundle reports the damage.
+    bundle = Bundle.open(path)
+    with zipfile.ZipFile(path) as archive:
+        sizes = {info.filename: info.file_size for info in archive.infolist()}
+    return {"kind": "bundle", "path": str(path), "bytes": path.stat().st_size,
+            "sha256": bundle.sha256, "verified": True, "member_bytes": sizes,
+            "manifest": json.loads(bundle.manifest.to_json())}
+
+
+def _print_bundle(info: dict[str, Any]) -> None:
+    m = info["manifest"]
+    spec, out = m["input"], m["output"]
+    print(f"path:      {info['path']} ({_mb(info['bytes'])}, checksums verified)")
+    print(f"sha256:    {info['sha256']}")
+    print(f"bundle:    {m['name']} {m['version']}: task {m['task']}, {m['precision']}, "
+          f"schema {m['schema_version']}, created {m['created'] or 'unknown'}")
+    print(f"input:     {len(spec['bands'])} bands, {spec['dtype']} {spec['layout']}, tiles "
+          f"{spec['tile_size']}×{spec['tile_size']} px, trained at {spec['gsd_m']:g} m")
+    for band, scale, offset in zip(spec["bands"], spec["scale"], spec["offset"], strict=True):
+        print(f"  {band:<9} model input = DN × {scale:.6g} {'-' if offset < 0 else '+'} "
+              f"{abs(offset):.6g}")
+    factor = f", ×{out['scale_factor']} grid" if out["scale_factor"] != 1 else ""
+    print(f"output:    {out['kind']}, {out['channels']} channel(s){factor}"
+          + (f": {out['description']}" if out["description"] else ""))
+    for value, name in out["classes"].items():
+        print(f"  {value:>3}  {name}")
+    print("engines:")
+    for backend, member in m["engines"].items():
+        print(f"  {backend:<12} {member} ({_mb(info['member_bytes'].get(member, 0))})")
+    for title in ("metrics", "toolchain"):
+        if m[title]:
+            print(f"{title}:")
+            for key, value in m[title].items():
+                print(f"  {key:<20} {value:.6g}" if isinstance(value, float)
+                      else f"  {key:<20} {value}")
+    print("files:")
+    for member, digest in m["files"].items():
+        print(f"  {member:<20} {_mb(info['member_bytes'].get(member, 0)):>10}  sha256 {digest}")
+    if m["extra"]:
+        print(f"extra:     {json.dumps(m['extra'])}")
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size} B"
 
 
 def _scene(scene: GeoTiffScene | OscdScene) -> dict[str, Any]:
@@ -68,6 +120,9 @@ def _layout(scene: GeoTiffScene) -> dict[str, Any]:
 
 
 def _print_text(info: dict[str, Any], indent: str = "") -> None:
+    if info.get("kind") == "bundle":
+        _print_bundle(info)
+        return
     if info.get("kind") == "oscd-city":
         print(f"{info['path']}: OSCD city, 2 dates, change mask: "
               f"{'yes' if info['change_mask'] else 'no'}")
