@@ -147,11 +147,15 @@ class TensorRtEngine(Engine):
             raise EngineError(f"{self._where}: TensorRT cannot parse the ONNX model: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, _WORKSPACE_BYTES)
-        if self.precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif self.precision == "int8":
-            # The bundle's QDQ nodes carry the scales; INT8 lets TensorRT use them.
-            config.set_flag(trt.BuilderFlag.INT8)
+        if self.precision in ("fp16", "int8"):
+            flag = getattr(trt.BuilderFlag, "FP16" if self.precision == "fp16" else "INT8", None)
+            if flag is None:
+                # TensorRT 11 networks are strongly typed: precision comes from the ONNX itself.
+                raise EngineError(
+                    f"{self._where}: TensorRT {trt.__version__} takes the precision from the "
+                    f"model; ship an {self.precision} ONNX model instead of asking for it")
+            # int8: the bundle's QDQ nodes carry the scales; the flag lets TensorRT use them.
+            config.set_flag(flag)
         tensor = network.get_input(0)
         shape = tuple(tensor.shape)
         if any(d < 0 for d in shape):
