@@ -20,20 +20,30 @@ OPSET = 17
 
 
 def export_onnx(model: Any, example: Any, path: Path, dynamic_batch: bool = True,
-                simplify: bool = True) -> Path:
-    """Write ``model`` traced on ``example`` (1, C, H, W) to ``path``; returns ``path``."""
+                simplify: bool = True, dynamic_size: bool = False) -> Path:
+    """Write ``model`` traced on ``example`` (1, C, H, W) to ``path``; returns ``path``.
+
+    ``dynamic_size`` also leaves height and width free, for models validated on tiles other
+    than their nominal tile size (fully convolutional nets).
+    """
     import onnx
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    axes: dict[str, dict[int, str]] = {INPUT_NAME: {}, OUTPUT_NAME: {}}
+    for name in axes:
+        if dynamic_batch:
+            axes[name][0] = "batch"
+        if dynamic_size:
+            axes[name].update({2: "height", 3: "width"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, (example,), str(path), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={k: v for k, v in axes.items() if v} or None,
             do_constant_folding=True,
         )
     if simplify:

@@ -54,14 +54,22 @@ def _shape(value_info: Any) -> list[int] | None:
     return [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
 
 
-def onnx_macs(path: Path, batch: int = 1) -> int:
+def onnx_macs(path: Path, batch: int = 1, input_shape: tuple[int, ...] | None = None) -> int:
     """MACs for a batch of ``batch`` through the ONNX graph at ``path``.
 
-    Dynamic dimensions (the batch) count as 1, then the total is scaled by ``batch``.
+    ``input_shape`` (N, C, H, W) fixes dynamic dimensions (a graph with dynamic height and
+    width has no MAC count until the tile is known); otherwise a dynamic dimension counts as 1.
+    The total is per sample, scaled by ``batch``.
     """
     import onnx
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    model = onnx.load(str(path))
+    if input_shape is not None:
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        for dim, value in zip(dims, (1, *input_shape[1:]), strict=True):
+            dim.Clear()
+            dim.dim_value = int(value)
+    model = onnx.shape_inference.infer_shapes(model)
     graph = model.graph
     shapes: dict[str, list[int]] = {}
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):

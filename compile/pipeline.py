@@ -233,12 +233,21 @@ class _Steps:
     """Measures one step with its engine and hands it to the gate."""
 
     def __init__(self, zoo: ZooModel, options: CompileOptions,
-                 validation: list[tuple[np.ndarray, np.ndarray]], the_gate: gate.Gate) -> None:
+                 validation: list[tuple[np.ndarray, np.ndarray]], the_gate: gate.Gate,
+                 tiles: np.ndarray) -> None:
         self.zoo = zoo
         self.options = options
         self.validation = validation
         self.gate = the_gate
-        self.tile = validation[0][0][:1]
+        size = (zoo.tile_size, zoo.tile_size)
+        # Latency, MACs and the export use one tile of the model's nominal size; the
+        # calibration tiles have it (validation tiles may be cut differently).
+        if tiles.shape[2:] == size:
+            self.tile = np.ascontiguousarray(tiles[:1])
+        else:
+            self.tile = np.ascontiguousarray(validation[0][0][:1])
+        # Validation tiles of another size need a graph with free height and width.
+        self.dynamic_size = any(x.shape[2:] != self.tile.shape[2:] for x, _ in validation)
 
     def add(self, step: str, engine: str, precision: str, run: runners.Runner, params: int,
             macs: int, size: int, gated: bool = True, notes: str = "",
@@ -268,14 +277,16 @@ class _Steps:
                   macs_from: Path | None = None) -> gate.StepResult:
         return self.add(step, "onnxruntime", precision,
                         runners.ort_runner(path, self.options.threads),
-                        measure.onnx_params(path), measure.onnx_macs(macs_from or path),
+                        measure.onnx_params(path),
+                        measure.onnx_macs(macs_from or path, input_shape=self.tile.shape),
                         measure.files_size_bytes(path), notes=notes)
 
     def ir_step(self, step: str, xml: Path, precision: str, source_onnx: Path,
                 notes: str = "", extra: dict[str, Any] | None = None) -> gate.StepResult:
         return self.add(step, "openvino", precision,
                         runners.ov_runner(xml, self.options.threads, "f32"),
-                        measure.onnx_params(source_onnx), measure.onnx_macs(source_onnx),
+                        measure.onnx_params(source_onnx),
+                        measure.onnx_macs(source_onnx, input_shape=self.tile.shape),
                         measure.files_size_bytes(*openvino.ir_files(xml)), notes=notes,
                         extra=extra)
 
@@ -314,7 +325,7 @@ def compile_model(zoo: ZooModel, out: Path, options: CompileOptions,
     out_channels = int(sample_out.shape[1])
 
     the_gate = gate.Gate(zoo.metric_name, options.max_drop)
-    steps = _Steps(zoo, options, validation, the_gate)
+    steps = _Steps(zoo, options, validation, the_gate, tiles)
     epochs = options.finetune_epochs
     if epochs is None:
         epochs = int(zoo.extra.get("finetune_epochs", 3))
@@ -326,7 +337,7 @@ def compile_model(zoo: ZooModel, out: Path, options: CompileOptions,
         "options": {**{k: (str(v) if isinstance(v, Path) else v)
                        for k, v in asdict(options).items()},
                     "finetune_epochs": epochs, "finetune_lr": lr},
-        "data_root": str(root), "tile": "x".join(str(d) for d in validation[0][0].shape[1:]),
+        "data_root": str(root), "tile": "x".join(str(d) for d in steps.tile.shape[1:]),
         "validation": {"batches": len(validation),
                        "tiles": int(sum(len(x) for x, _ in validation))},
         "calibration_tiles": int(len(tiles)),
@@ -412,7 +423,8 @@ def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps
             steps.torch_step("fine-tuned", model)
 
     _progress("exporting ONNX (opset 17) and simplifying with onnxslim")
-    onnx_path = export.export_onnx(model, torch.from_numpy(steps.tile), work / "model.onnx")
+    onnx_path = export.export_onnx(model, torch.from_numpy(steps.tile), work / "model.onnx",
+                                   dynamic_size=steps.dynamic_size)
     steps.onnx_step("onnx-fp32", onnx_path, "fp32")
     notes: dict[str, Any] = {}
     target, precision = options.target, options.precision
@@ -450,12 +462,16 @@ def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps
         return members, {"openvino": "model.xml"}, notes
 
     # tensorrt: the engine is built on the target; ship the (QDQ) ONNX graph.
+    min_hw = (min(int(x.shape[2]) for x, _ in validation),
+              min(int(x.shape[3]) for x, _ in validation))
     notes["tensorrt"] = {
         "build_on_target": True,
         "input_name": export.INPUT_NAME,
         "output_name": export.OUTPUT_NAME,
         "opset": export.OPSET,
-        "profile": {"min": [1, len(zoo.bands), zoo.tile_size, zoo.tile_size],
+        "dynamic_size": steps.dynamic_size,
+        "profile": {"min": [1, len(zoo.bands), *(min_hw if steps.dynamic_size
+                                                  else (zoo.tile_size, zoo.tile_size))],
                     "opt": [1, len(zoo.bands), zoo.tile_size, zoo.tile_size],
                     "max": [8, len(zoo.bands), zoo.tile_size, zoo.tile_size]},
         "builder_flags": {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"]}[precision],

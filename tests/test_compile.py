@@ -250,6 +250,19 @@ def test_onnx_export_matches_torch(trained: nn.Module, onnx_fp32: Path,
     assert "BatchNormalization" not in {n.op_type for n in model.graph.node}  # folded
 
 
+def test_onnx_export_with_free_tile_size(trained: nn.Module, tmp_path: Path) -> None:
+    tile = torch.from_numpy(calibration_tiles(DATA, 1))
+    path = export.export_onnx(copy.deepcopy(trained), tile, tmp_path / "d.onnx",
+                              dynamic_size=True)
+    run = runners.ort_runner(path)
+    x = _train_tiles(DATA)[0][:1]
+    wide = np.concatenate([x, x], axis=3)  # 32 x 64
+    np.testing.assert_allclose(run(wide), runners.torch_runner(trained)(wide), atol=1e-4,
+                               rtol=1e-4)
+    assert measure.onnx_macs(path, input_shape=(1, 6, 64, 64)) == \
+        4 * measure.onnx_macs(path, input_shape=(1, 6, 32, 32))
+
+
 def test_onnx_macs_count_matches_the_architecture(onnx_fp32: Path) -> None:
     hw, half = TILE * TILE, (TILE // 2) ** 2
     expected = (hw * 16 * 6 * 9 + half * 32 * 16 * 9 + half * 32 * 32 * 9
