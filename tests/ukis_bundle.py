@@ -8,13 +8,13 @@ build bundles from them in their tmp_path and skip without the package.
 from __future__ import annotations
 
 import functools
-import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from onboard.runtime.bundle import InputSpec, Manifest, OutputSpec, write_bundle
+from onboard.runtime.bundle import Manifest, write_bundle
 
 MODEL = "model_4b_l1c"
 # Sentinel-2 L1C digital numbers are reflectance x 10000.
@@ -60,24 +60,14 @@ def openvino_ir(dynamic_tiles: bool = True) -> tuple[bytes, bytes]:
 
 def manifest(engines: dict[str, str] | None = None, **changes: object) -> Manifest:
     """The manifest of the ukis 4-band L1C model, for inputs in Sentinel-2 DN."""
-    meta = json.loads((_package_dir() / f"{MODEL}.json").read_text())
-    stats = meta["data"]["dataset_statistics"]
-    mean = np.asarray(stats["img"][0], np.float64)
-    std = np.asarray(stats["img"][1], np.float64)
-    fields: dict[str, object] = dict(
-        name="ukis-csmask-4b-l1c", version=meta["model"]["version"], task="cloud",
-        input=InputSpec(bands=list(stats["band_names"]),
-                        scale=(1.0 / (DN_PER_REFLECTANCE * std)).tolist(),
-                        offset=(-mean / std).tolist(),
-                        tile_size=int(meta["data"]["target_size"][0]), gsd_m=30.0),
-        output=OutputSpec(kind="classes", channels=3,
-                          classes={0: "clear", 1: "cloud", 2: "cloud shadow"},
-                          description="logits; argmax over channels"),
-        precision="fp32", engines=engines or {"onnxruntime": "model.onnx"},
-        metrics={}, toolchain={"source": "ukis-csmask"},
-        extra={"licence": "Apache-2.0 (dlr-eoc/ukis-csmask)"})
-    fields.update(changes)
-    return Manifest(**fields)  # type: ignore[arg-type]
+    pytest.importorskip("ukis_csmask", reason="ukis-csmask (the real test model) is not "
+                        "installed: pip install ukis-csmask")
+    from onboard.models.peers import ukis_csmask_manifest
+
+    base = ukis_csmask_manifest(4, "l1c", DN_PER_REFLECTANCE)
+    base.output.classes = {0: "clear", 1: "cloud", 2: "cloud shadow"}
+    fields: dict[str, object] = {"engines": engines or {"onnxruntime": "model.onnx"}, **changes}
+    return replace(base, **fields)  # type: ignore[arg-type]
 
 
 def build(path: Path, *, openvino: bool = False, dynamic_tiles: bool = True,
