@@ -13,6 +13,7 @@ FP16 only, so an INT8 IR does not apply there.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ def quantize_nncf(onnx_path: Path, xml_path: Path, tiles: np.ndarray,
     import nncf
     import openvino as ov
 
+    _nncf_logs_to_stderr()
     if tiles.ndim != 4 or len(tiles) == 0:
         raise CompileError(f"calibration tiles must be a non-empty NCHW array, got {tiles.shape}")
     model = ov.convert_model(str(onnx_path))
@@ -80,6 +82,15 @@ def quantize_nncf(onnx_path: Path, xml_path: Path, tiles: np.ndarray,
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(xml_path), compress_to_fp16=False)
     return xml_path, details
+
+
+def _nncf_logs_to_stderr() -> None:
+    """NNCF logs to stdout; stdout is for the command's result (the report), progress is stderr."""
+    import logging
+
+    for handler in logging.getLogger("nncf").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
 
 
 def ir_files(xml_path: Path) -> list[Path]:

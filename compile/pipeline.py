@@ -11,6 +11,7 @@ validation set with the step's real engine) and passed through the accuracy gate
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import os
 import platform
@@ -50,6 +51,8 @@ class CompileOptions:
     data_root: Path | None = None
     finetune_epochs: int | None = None  # None: the zoo entry's extra["finetune_epochs"] or 3
     finetune_lr: float | None = None  # None: the zoo entry's extra["finetune_lr"] or 1e-3
+    # At most this many batches per epoch (a zoo's training iterator may be long or endless).
+    finetune_steps: int | None = None
     calibration_tiles: int = 64
     seed: int = 0
     threads: int = 2
@@ -71,6 +74,8 @@ class CompileOptions:
             raise CompileError(f"--max-size must be a positive size in MB, got {self.max_size_mb}")
         if self.finetune_epochs is not None and self.finetune_epochs < 0:
             raise CompileError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
+        if self.finetune_steps is not None and self.finetune_steps < 1:
+            raise CompileError(f"--finetune-steps must be >= 1, got {self.finetune_steps}")
         if self.calibration_tiles < 1:
             raise CompileError(f"--calibration-tiles must be >= 1, got {self.calibration_tiles}")
         if self.threads < 1 or self.latency_repeats < 1:
@@ -341,7 +346,8 @@ def compile_model(zoo: ZooModel, out: Path, options: CompileOptions,
         "validation": {"batches": len(validation),
                        "tiles": int(sum(len(x) for x, _ in validation))},
         "calibration_tiles": int(len(tiles)),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
+        + f", {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start",
         "toolchain": toolchain(),
     }
 
@@ -418,7 +424,13 @@ def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps
         if can_tune:
             _seed(options.seed)
             _progress(f"fine-tuning {epochs} epochs at lr {lr:g} with {zoo.name}'s loss")
-            prune.fine_tune(model, lambda: zoo.train_batches(root), zoo.loss, epochs, lr,
+            cap = options.finetune_steps
+
+            def batches() -> Any:
+                it = zoo.train_batches(root)
+                return it if cap is None else itertools.islice(it, cap)
+
+            prune.fine_tune(model, batches, zoo.loss, epochs, lr,
                             options.seed, options.threads)
             steps.torch_step("fine-tuned", model)
 

@@ -38,6 +38,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=None,
                         help="fine-tune epochs after pruning (default: the zoo entry's, or 3)")
     parser.add_argument("--finetune-lr", type=float, default=None)
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="at most this many training batches per fine-tune epoch")
     parser.add_argument("--calibration-tiles", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     options = CompileOptions(
         target=args.target, precision=args.precision, prune=args.prune, max_drop=args.max_drop,
         max_size_mb=args.max_size, data_root=args.data, finetune_epochs=args.finetune_epochs,
-        finetune_lr=args.finetune_lr, calibration_tiles=args.calibration_tiles, seed=args.seed,
+        finetune_lr=args.finetune_lr, finetune_steps=args.finetune_steps,
+        calibration_tiles=args.calibration_tiles, seed=args.seed,
         threads=args.threads, latency_repeats=args.latency_repeats,
         version=args.bundle_version, verify=not args.no_verify,
     )

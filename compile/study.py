@@ -1,0 +1,194 @@
+"""The compiler's headline numbers on a real zoo model, measured in one run.
+
+    python -m onboard.compile.study [--model cloud-4band] [--data DIR] [--out-dir DIR]
+
+Three compiles of the same model, then the flight runtime's engines on the three bundles:
+
+* ``fp32-ort``: unpruned, ONNX Runtime fp32: the "before" bundle.
+* ``int8-ov``: unpruned, OpenVINO INT8 (NNCF with accuracy control when ``--max-drop`` is set).
+  Its report holds the ONNX Runtime fp32 step and the OpenVINO INT8 step of one compile.
+* ``pruned-int8-ov``: 50 % of the channels pruned, fine-tuned, OpenVINO INT8: the "after"
+  bundle. Its ONNX Runtime fp32 step is the pruned model to compare with ``int8-ov``'s.
+
+The engines are timed round-robin (one run of each in turn, medians over all rounds), so that
+load from other processes on the machine falls on all of them alike. Results go to
+``compile/REPORT.md`` and ``compile/study.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onboard.compile.pipeline import (
+    CompileOptions,
+    compile_model,
+    default_data_root,
+    resolve_model,
+)
+from onboard.runtime.errors import AccuracyGateError
+
+HERE = Path(__file__).resolve().parent
+
+
+def _step(report: dict[str, Any], name: str) -> dict[str, Any] | None:
+    for step in report["gate"]["steps"]:
+        if step["step"] == name:
+            return step
+    return None
+
+
+def engine_latency(bundles: dict[str, Path], tile: np.ndarray, rounds: int,
+                   threads: int) -> dict[str, float]:
+    """Median ms per tile of each bundle's engine, timed round-robin."""
+    from onboard.runtime.bundle import Bundle
+    from onboard.runtime.engines import open_engine
+
+    engines = {}
+    for name, path in bundles.items():
+        bundle = Bundle.open(path)
+        backend = next(iter(bundle.manifest.engines))
+        engines[name] = open_engine(bundle, backend, "cpu", threads=threads, warmup=3)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            engine.run(tile)
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    for engine in engines.values():
+        engine.close()
+    return {name: float(statistics.median(t)) for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="cloud-4band")
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--out-dir", type=Path, default=Path("/tmp/onboard-compile-study"))
+    parser.add_argument("--prune", type=float, default=0.5)
+    parser.add_argument("--max-drop", type=float, default=0.01)
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--finetune-lr", type=float, default=None)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", type=Path, default=HERE / "REPORT.md")
+    args = parser.parse_args(argv)
+
+    zoo = resolve_model(args.model)
+    root = args.data or default_data_root()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    common = dict(data_root=root, threads=args.threads, latency_repeats=50,
+                  max_drop=args.max_drop)
+    runs = {
+        "fp32-ort": CompileOptions(target="onnxruntime", precision="fp32", **common),
+        "int8-ov": CompileOptions(target="openvino", precision="int8", **common),
+        "pruned-int8-ov": CompileOptions(
+            target="openvino", precision="int8", prune=args.prune,
+            finetune_epochs=args.finetune_epochs, finetune_steps=args.finetune_steps,
+            finetune_lr=args.finetune_lr, **common),
+    }
+    started = time.time()
+    reports: dict[str, dict[str, Any]] = {}
+    bundles: dict[str, Path] = {}
+    for name, options in runs.items():
+        out = args.out_dir / f"{zoo.name}-{name}.onboard"
+        print(f"[study] compiling {name}", file=sys.stderr, flush=True)
+        try:
+            result = compile_model(zoo, out, options)
+            reports[name] = result.report
+            bundles[name] = out
+        except AccuracyGateError as error:
+            # The full report (every step up to the failure) is written next to the bundle.
+            reports[name] = json.loads((out.parent / f"{out.name}.report.json").read_text())
+            print(f"[study] {name}: {error}", file=sys.stderr, flush=True)
+
+    tile = np.ascontiguousarray(zoo.calibration_tiles(root, 1), np.float32)
+    latency = engine_latency(bundles, tile, args.rounds, args.threads) if bundles else {}
+    study = {
+        "model": zoo.name, "data_root": str(root),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average "
+                   f"{os.getloadavg()[0]:.1f} at the end",
+        "seconds": round(time.time() - started), "threads": args.threads,
+        "tile": list(tile.shape), "rounds": args.rounds,
+        "engine_latency_ms": latency,
+        "bundle_bytes": {n: p.stat().st_size for n, p in bundles.items()},
+        "reports": reports,
+    }
+    (args.report.parent / "study.json").write_text(json.dumps(study, indent=2, default=str))
+    args.report.write_text(render(study))
+    print(args.report.read_text())
+    return 0
+
+
+def render(study: dict[str, Any]) -> str:
+    reports = study["reports"]
+    metric = next(iter(reports.values()))["gate"]["metric"]
+    lines = [
+        f"# Compile study: {study['model']}",
+        "",
+        f"Measured in one run of `python -m onboard.compile.study` ({study['seconds']} s) on "
+        f"{study['machine']}, {study['threads']} threads, one {study['tile'][1:]} tile per "
+        "run. Metric: the zoo model's own "
+        f"`{metric}` on its held-out validation split, measured with each step's own engine.",
+        "",
+        "## Headline",
+        "",
+    ]
+    fp32_ort = _step(reports.get("int8-ov", {"gate": {"steps": []}}), "onnx-fp32")
+    int8_ov = _step(reports.get("int8-ov", {"gate": {"steps": []}}), "ir-int8-nncf")
+    lat = study["engine_latency_ms"]
+    if fp32_ort and int8_ov:
+        lines.append(
+            f"- INT8 OpenVINO vs fp32 ONNX Runtime (same compile, step runners, median of 50): "
+            f"{fp32_ort['latency_ms']:.2f} → {int8_ov['latency_ms']:.2f} ms/tile, "
+            f"**{fp32_ort['latency_ms'] / int8_ov['latency_ms']:.2f}× faster**; {metric} "
+            f"{fp32_ort['metric']:.4f} → {int8_ov['metric']:.4f} (drop from the fp32 torch "
+            f"model {int8_ov['drop']:+.4f}).")
+    if "fp32-ort" in lat and "int8-ov" in lat:
+        lines.append(
+            f"- The same through the flight runtime's engines on the bundles (round-robin, "
+            f"median of {study['rounds']}): {lat['fp32-ort']:.2f} → {lat['int8-ov']:.2f} ms/tile, "
+            f"**{lat['fp32-ort'] / lat['int8-ov']:.2f}×**.")
+    pruned = reports.get("pruned-int8-ov")
+    if pruned:
+        p_onnx = _step(pruned, "onnx-fp32")
+        p_tuned = _step(pruned, "fine-tuned")
+        p_base = _step(pruned, "fp32")
+        if p_onnx and fp32_ort and p_tuned and p_base:
+            lines.append(
+                f"- {pruned['options']['prune']:.0%} channel-pruned and fine-tuned vs unpruned "
+                f"(both fp32 ONNX Runtime): {fp32_ort['latency_ms']:.2f} → "
+                f"{p_onnx['latency_ms']:.2f} ms/tile "
+                f"({fp32_ort['latency_ms'] / p_onnx['latency_ms']:.2f}× faster), MACs "
+                f"{fp32_ort['macs'] / 1e6:.1f} M → {p_onnx['macs'] / 1e6:.1f} M, params "
+                f"{p_base['params']} → {p_tuned['params']}; {metric} {p_base['metric']:.4f} → "
+                f"{p_tuned['metric']:.4f} (drop {p_tuned['drop']:+.4f}).")
+        if not pruned["gate"]["passed"]:
+            lines.append(f"- The pruned compile FAILED its gate at "
+                         f"{pruned['gate']['failed_step']}: {pruned.get('error')}")
+    sizes = study["bundle_bytes"]
+    if sizes:
+        lines.append("- Bundle sizes: " + ", ".join(
+            f"{n} {b / 1e6:.3f} MB" for n, b in sizes.items()) + ".")
+    if lat:
+        lines.append("- Engine latency (flight runtime, round-robin): " + ", ".join(
+            f"{n} {v:.2f} ms" for n, v in lat.items()) + ".")
+    for name, report in reports.items():
+        from onboard.compile.gate import markdown
+
+        lines += ["", f"## {name}", "", markdown(report).split("\n", 1)[1]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
