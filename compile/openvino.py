@@ -13,6 +13,7 @@ FP16 only, so an INT8 IR does not apply there.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,14 +71,17 @@ def quantize_nncf(onnx_path: Path, xml_path: Path, tiles: np.ndarray,
                 labels.append(y)
             return float(metric(outs, labels))
 
-        quantized = nncf.quantize_with_accuracy_control(
-            model, calibration, nncf.Dataset(list(validation)), validation_fn=validate,
-            max_drop=float(max_drop), drop_type=nncf.DropType.ABSOLUTE, subset_size=subset,
-        )
+        # NNCF's progress bars print to stdout, which is for the command's result.
+        with contextlib.redirect_stdout(sys.stderr):
+            quantized = nncf.quantize_with_accuracy_control(
+                model, calibration, nncf.Dataset(list(validation)), validation_fn=validate,
+                max_drop=float(max_drop), drop_type=nncf.DropType.ABSOLUTE, subset_size=subset,
+            )
         details["method"] = "nncf.quantize_with_accuracy_control"
         details["max_drop"] = float(max_drop)
     else:
-        quantized = nncf.quantize(model, calibration, subset_size=subset)
+        with contextlib.redirect_stdout(sys.stderr):
+            quantized = nncf.quantize(model, calibration, subset_size=subset)
     xml_path = Path(xml_path)
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(xml_path), compress_to_fp16=False)
