@@ -532,9 +532,7 @@ def _write_bundle(out: Path, zoo: ZooModel, options: CompileOptions, members: di
     payload: dict[str, bytes | Path] = dict(members)
     payload["report.json"] = json.dumps(report, indent=2, default=str).encode()
     payload["report.md"] = gate.markdown(report).encode()
-    if out.exists():
-        _remove(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # write_bundle replaces ``out`` atomically: a previous bundle survives a failed write.
     write_bundle(out, manifest, payload)
 
 
