@@ -67,6 +67,7 @@ class StepResult:
     step_drop: float = 0.0  # from the previous step
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    latency_min_ms: float = 0.0  # fastest run, same conditions
 
 
 class Gate:
@@ -138,18 +139,19 @@ def markdown(report: dict[str, Any]) -> str:
         f" max drop: {gate['max_drop'] if gate['max_drop'] is not None else 'not set'}",
         f"- prune ratio: {report['options'].get('prune')}; fine-tune epochs: "
         f"{report['options'].get('finetune_epochs')}",
-        f"- latency: median of {report['options'].get('latency_repeats')} runs, one "
+        f"- latency: median (and minimum) of {report['options'].get('latency_repeats')} runs, one "
         f"{report.get('tile', '?')} tile, {report['options'].get('threads')} threads, "
         f"{report.get('machine', '')}",
         "",
-        f"| step | engine | precision | params | MACs/tile | size MB | latency ms | {metric} "
+        f"| step | engine | precision | params | MACs/tile | size MB | latency ms (min) | {metric} "
         "| drop | step drop | gated |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in gate["steps"]:
         lines.append(
             f"| {s['step']} | {s['engine']} | {s['precision']} | {_count(s['params'])} | "
-            f"{_count(s['macs'])} | {_mb(s['size_bytes'])} | {s['latency_ms']:.2f} | "
+            f"{_count(s['macs'])} | {_mb(s['size_bytes'])} | {s['latency_ms']:.2f} "
+            f"({s.get('latency_min_ms', 0.0):.2f}) | "
             f"{s['metric']:.4f} | {s['drop']:+.4f} | {s['step_drop']:+.4f} | "
             f"{'yes' if s['gated'] else 'no'} |"
         )

@@ -10,6 +10,7 @@ validation set with the step's real engine) and passed through the accuracy gate
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import itertools
 import math
@@ -260,9 +261,11 @@ class _Steps:
         _progress(f"measuring {step} ({engine}, {precision}) on {len(self.validation)} "
                   "validation batches")
         metric = gate.evaluate(run, self.validation, self.zoo.metric)
-        latency = measure.latency_ms(run, self.tile, repeats=self.options.latency_repeats)
+        latency, fastest = measure.latency_stats(run, self.tile,
+                                                 repeats=self.options.latency_repeats)
         result = gate.StepResult(step, engine, precision, params, macs, size, latency, metric,
-                                 gated=gated, notes=notes, extra=extra or {})
+                                 gated=gated, notes=notes, extra=extra or {},
+                                 latency_min_ms=fastest)
         try:
             return self.gate.add(result)
         finally:
@@ -338,6 +341,7 @@ def compile_model(zoo: ZooModel, out: Path, options: CompileOptions,
     report: dict[str, Any] = {
         "model": zoo.name, "model_version": zoo.version, "target": options.target,
         "precision": options.precision, "checkpoint": str(weights),
+        "checkpoint_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "model_class": model_class or f"{type(model).__module__}.{type(model).__qualname__}",
         "options": {**{k: (str(v) if isinstance(v, Path) else v)
                        for k, v in asdict(options).items()},
