@@ -7,6 +7,7 @@ Three compiles of the same model, then the flight runtime's engines on the three
 * ``fp32-ort``: unpruned, ONNX Runtime fp32: the "before" bundle.
 * ``int8-ov``: unpruned, OpenVINO INT8 (NNCF with accuracy control when ``--max-drop`` is set).
   Its report holds the ONNX Runtime fp32 step and the OpenVINO INT8 step of one compile.
+* ``int8-ort``: unpruned, ONNX Runtime INT8 QDQ, for comparison.
 * ``pruned-int8-ov``: 50 % of the channels pruned, fine-tuned, OpenVINO INT8: the "after"
   bundle. Its ONNX Runtime fp32 step is the pruned model to compare with ``int8-ov``'s.
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {
         "fp32-ort": CompileOptions(target="onnxruntime", precision="fp32", **common),
         "int8-ov": CompileOptions(target="openvino", precision="int8", **common),
+        "int8-ort": CompileOptions(target="onnxruntime", precision="int8", **common),
         "pruned-int8-ov": CompileOptions(
             target="openvino", precision="int8", prune=args.prune,
             finetune_epochs=args.finetune_epochs, finetune_steps=args.finetune_steps,
@@ -167,6 +169,14 @@ def render(study: dict[str, Any]) -> str:
             f"blocks, {a['runs']} runs each): median {a['median']:.2f} → {b['median']:.2f} "
             f"ms/tile, **{a['median'] / b['median']:.2f}×**; minimum {a['min']:.2f} → "
             f"{b['min']:.2f} ms/tile, {a['min'] / b['min']:.2f}×.")
+    int8_ort = _step(reports.get("int8-ort", {"gate": {"steps": []}}), "int8-qdq")
+    if fp32_ort and int8_ort:
+        lines.append(
+            f"- For comparison, INT8 QDQ on ONNX Runtime (U8/S8) vs fp32 ONNX Runtime: "
+            f"{fp32_ort['latency_ms']:.2f} → {int8_ort['latency_ms']:.2f} ms/tile "
+            f"({fp32_ort['latency_ms'] / int8_ort['latency_ms']:.2f}×, minimum "
+            f"{fp32_ort['latency_min_ms'] / int8_ort['latency_min_ms']:.2f}×); {metric} drop "
+            f"{int8_ort['drop']:+.4f}.")
     if "fp32-ort" in lat and "pruned-int8-ov" in lat:
         a, b = lat["fp32-ort"], lat["pruned-int8-ov"]
         lines.append(
