@@ -1,0 +1,105 @@
+"""CloudNet: a tiny fully-convolutional clear / cloud / shadow classifier.
+
+Two paths, sized for ~800 multiply-accumulates per pixel so that it runs at tens of Mpx/s on two
+CPU cores:
+
+* a full-resolution per-pixel path (1x1 convolutions only) that keeps cloud edges sharp, and
+* a context path that starts from a 4x4 average of the input and goes down to 1/16 resolution,
+  where 3x3 convolutions see far enough (hundreds of metres) to tie a shadow to its cloud.
+
+The context is brought back up with nearest-neighbour resizes inside the context path and one
+bilinear resize to full resolution, and added to the per-pixel features. Only Conv, ReLU, Add,
+Concat, Resize and AveragePool are used, so the graph exports to ONNX opset 17 and quantises to
+INT8 (QDQ) cleanly. Input: TOA reflectance (DN x 1e-4 for Sentinel-2 L1C), height and width
+multiples of 16.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+NUM_CLASSES = 3
+
+
+def _conv(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=dilation * (k // 2), dilation=dilation)
+
+
+class CloudNet(nn.Module):
+    def __init__(self, in_bands: int = 4, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.in_bands = in_bands
+        # Full resolution, per pixel.
+        self.pix = _conv(in_bands, w, 1)
+        self.pix2 = _conv(w, w, 1)
+        self.head = _conv(w, NUM_CLASSES, 1)
+        # Context: 1/4 -> 1/8 -> 1/16 and back to 1/4.
+        self.pool = nn.AvgPool2d(4)
+        self.e4 = _conv(in_bands, w, 3)
+        self.e8 = _conv(w, w * 3 // 2, 3, stride=2)
+        self.e8b = _conv(w * 3 // 2, w * 3 // 2, 3)
+        self.e16 = _conv(w * 3 // 2, 2 * w, 3, stride=2)
+        self.e16b = _conv(2 * w, 2 * w, 3)
+        self.e16c = _conv(2 * w, 2 * w, 3, dilation=2)
+        self.d8 = _conv(2 * w + w * 3 // 2, w * 3 // 2, 1)
+        self.d4 = _conv(w * 3 // 2 + w, w, 1)
+        self.ctx = _conv(w, w, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = F.relu
+        c4 = relu(self.e4(self.pool(x)))
+        c8 = relu(self.e8b(relu(self.e8(c4))))
+        c16 = relu(self.e16c(relu(self.e16b(relu(self.e16(c8))))))
+        up = F.interpolate(c16, scale_factor=2.0, mode="nearest")
+        d8 = relu(self.d8(torch.cat([up, c8], 1)))
+        up = F.interpolate(d8, scale_factor=2.0, mode="nearest")
+        d4 = self.ctx(relu(self.d4(torch.cat([up, c4], 1))))
+        ctx = F.interpolate(d4, scale_factor=4.0, mode="bilinear", align_corners=False)
+        h = relu(self.pix2(relu(self.pix(x) + ctx)))
+        return self.head(h)
+
+
+def build(in_bands: int = 4) -> CloudNet:
+    return CloudNet(in_bands=in_bands)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def macs_per_pixel(model: CloudNet) -> float:
+    """Multiply-accumulates per input pixel (convolutions only)."""
+    total = 0.0
+    size = 64
+    shapes: dict[str, float] = {}
+
+    def hook(name: str) -> Any:
+        def fn(module: nn.Conv2d, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+            k = module.kernel_size[0] * module.kernel_size[1]
+            shapes[name] = output.numel() * module.in_channels * k / module.groups
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, model.in_bands, size, size))
+    for h in handles:
+        h.remove()
+    total = sum(shapes.values())
+    return total / (size * size)
+
+
+def export_onnx(model: nn.Module, path: str, in_bands: int, size: int = 256) -> None:
+    """ONNX opset 17 with dynamic batch, height and width."""
+    model.eval()
+    dummy = torch.zeros(1, in_bands, size, size)
+    torch.onnx.export(
+        model, (dummy,), path, opset_version=17, dynamo=False,
+        input_names=["reflectance"], output_names=["logits"],
+        dynamic_axes={"reflectance": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}},
+    )

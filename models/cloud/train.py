@@ -1,0 +1,110 @@
+"""Train the cloud model: ``python -m onboard.models.cloud.train --bands 4|6``.
+
+Human masks (the training rows of the UKIS scene) and s2cloudless teacher labels (the 13-band
+scene's training rows and the training OSCD cities) are mixed half and half per batch. Teacher
+labels say only cloud / not cloud, so for them the loss is the likelihood of "clear or shadow"
+(the two classes' probabilities summed): shadow is learnt from the human masks alone, without
+the teacher pushing shadow pixels towards "clear".
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from onboard.models.cloud import dataset
+from onboard.models.cloud.dataset import CLEAR, CLOUD, IGNORE, NOT_CLOUD, SHADOW
+from onboard.models.cloud.model import build, count_parameters
+
+HERE = Path(__file__).resolve().parent
+# Shadow is rare (about 10 % of the human pixels) and only labelled in one scene.
+CLASS_WEIGHTS = {CLEAR: 1.0, CLOUD: 2.5, SHADOW: 2.0, NOT_CLOUD: 1.0}
+
+
+def weights_path(bands: int) -> Path:
+    return HERE / f"weights_{bands}band.pt"
+
+
+def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over 0 clear / 1 cloud / 2 shadow, with 3 = "clear or shadow", 255 ignored."""
+    labels = torch.as_tensor(labels, device=logits.device).long()
+    logp = F.log_softmax(logits.float(), dim=1)
+    exact = labels.clamp(max=SHADOW)
+    nll = -logp.gather(1, exact[:, None])[:, 0]
+    not_cloud = -torch.logaddexp(logp[:, CLEAR], logp[:, SHADOW])
+    nll = torch.where(labels == NOT_CLOUD, not_cloud, nll)
+    weight = torch.zeros_like(nll)
+    for value, w in CLASS_WEIGHTS.items():
+        weight = torch.where(labels == value, torch.full_like(nll, w), weight)
+    weight = torch.where(labels == IGNORE, torch.zeros_like(nll), weight)
+    return (nll * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
+          root: Path | None, out: Path, log_every: int = 50) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    scenes = dataset.training_scenes(root)
+    sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed)
+    print(f"data: {len(sampler.human)} human + {len(sampler.teacher)} teacher scenes "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    model = build(bands)
+    print(f"model: {count_parameters(model)} parameters, {bands} bands", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=0.05)
+    model.train()
+    running = 0.0
+    t1 = time.perf_counter()
+    for step in range(1, steps + 1):
+        x, y = sampler.batch(batch)
+        logits = model(torch.from_numpy(x))
+        value = loss(logits, torch.from_numpy(y))
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        sched.step()
+        running += float(value.detach())
+        if step % log_every == 0 or step == steps:
+            elapsed = time.perf_counter() - t1
+            print(f"step {step}/{steps} loss {running / log_every:.4f} "
+                  f"{elapsed:.0f} s (eta {elapsed / step * (steps - step):.0f} s)", flush=True)
+            running = 0.0
+    model.eval()
+    torch.save(model.state_dict(), out)
+    print(f"saved {out} after {time.perf_counter() - t0:.0f} s", flush=True)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bands", type=int, choices=(4, 6), required=True)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=None, help="ONBOARD_DATA folder")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    out = args.out or weights_path(args.bands)
+    model = train(args.bands, args.steps, args.batch, args.tile, args.lr, args.seed,
+                  args.data, out)
+    from onboard.models.cloud.evaluate import predict_torch
+    from onboard.models.cloud.metrics import scores
+
+    held = dataset.heldout_human(args.data)
+    pred = predict_torch(model, held.image[: args.bands])
+    print("held-out UKIS:", scores(pred, held.labels), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""The cloud model: size, trained weights, accuracy on held-out human masks, metrics, zoo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the cloud model is ground-side and needs torch")
+
+from onboard.models import zoo  # noqa: E402
+from onboard.models.cloud import dataset  # noqa: E402
+from onboard.models.cloud.evaluate import load_model, predict_torch  # noqa: E402
+from onboard.models.cloud.metrics import binary_scores, boa, scores  # noqa: E402
+from onboard.models.cloud.model import build, count_parameters, macs_per_pixel  # noqa: E402
+from onboard.models.cloud.train import loss  # noqa: E402
+
+# Measured on the committed weights (see models/cloud/results.md) minus a margin.
+CROP_MIN_BOA = {4: 0.88, 6: 0.90}
+HELDOUT_MIN_BOA = {4: 0.91, 6: 0.92}
+
+
+def _crop_labels(msk: np.ndarray) -> np.ndarray:
+    out = np.full(msk.shape, dataset.IGNORE, np.uint8)
+    out[(msk == 1) | (msk == 3)] = 0
+    out[msk == 4] = 1
+    out[msk == 0] = 2
+    return out
+
+
+@pytest.mark.parametrize("bands", [4, 6])
+def test_small_enough_to_fly(bands):
+    model = build(bands)
+    assert count_parameters(model) <= 100_000
+    assert macs_per_pixel(model) <= 1000
+    out = model(torch.zeros(1, bands, 64, 96))
+    assert out.shape == (1, 3, 64, 96)
+
+
+@pytest.mark.parametrize("bands", [4, 6])
+def test_trained_weights_load_and_are_small(bands):
+    entry = zoo.get(f"cloud-{bands}band")
+    assert entry.weights.exists(), entry.weights
+    assert entry.weights.stat().st_size < 500_000
+    model = entry.build()
+    model.load_state_dict(torch.load(entry.weights, weights_only=True))
+
+
+@pytest.mark.parametrize("bands", [4, 6])
+def test_heldout_crop_boa(test_data, bands):
+    # tests/data/ukis_6band_crop.npz is img[:128, :128] of the UKIS scene: inside the held-out
+    # rows [0, 224) that training never sees.
+    assert dataset.UKIS_HELDOUT_ROWS >= 128
+    crop = np.load(test_data / "ukis_6band_crop.npz")
+    image = crop["img"].transpose(2, 0, 1)[:bands]
+    labels = _crop_labels(crop["msk"][..., 0])
+    pred = predict_torch(load_model(bands), np.ascontiguousarray(image))
+    assert scores(pred, labels)["cloud_boa"] >= CROP_MIN_BOA[bands]
+
+
+@pytest.mark.parametrize("bands", [4, 6])
+def test_heldout_split_boa_through_zoo(shared_data, bands):
+    entry = zoo.get(f"cloud-{bands}band")
+    model = entry.build()
+    model.load_state_dict(torch.load(entry.weights, weights_only=True))
+    batches = entry.validation_batches(shared_data)
+    with torch.no_grad():
+        outputs = [model(torch.from_numpy(x)).numpy() for x, _ in batches]
+    assert entry.metric(outputs, [y for _, y in batches]) >= HELDOUT_MIN_BOA[bands]
+
+
+def test_training_split_never_touches_heldout(shared_data):
+    ukis = dataset.ukis_scene(shared_data)
+    train = dataset.training_scenes(shared_data, oscd=False)
+    assert train[0].human
+    assert np.array_equal(train[0].labels, ukis.labels[dataset.UKIS_HELDOUT_ROWS:])
+    assert not set(dataset.OSCD_HELDOUT) & {s.name.split("-")[1] for s in train
+                                            if s.name.startswith("oscd")}
+
+
+def test_ukis_labels_remapped(shared_data):
+    ukis = dataset.ukis_scene(shared_data)
+    raw = np.load(shared_data / dataset.UKIS_FILE)["msk"][..., 0]
+    assert np.array_equal(ukis.labels == 2, raw == 0)
+    assert np.array_equal(ukis.labels == 1, raw == 4)
+    assert np.array_equal(ukis.labels == 0, (raw == 1) | (raw == 3))
+
+
+def test_binary_scores_by_hand():
+    pred = np.array([1, 1, 0, 0, 1, 0, 0, 0], bool)
+    truth = np.array([1, 1, 1, 0, 0, 0, 0, 0], bool)
+    s = binary_scores(pred, truth)
+    # tp 2, fn 1, fp 1, tn 4: producer's accuracy 2/3 and 4/5.
+    assert s["boa"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert s["f1"] == pytest.approx(4 / 6)
+    assert s["iou"] == pytest.approx(2 / 4)
+
+
+def test_scores_ignore_and_teacher_labels():
+    labels = np.array([[1, 3, 2, 255], [0, 1, 3, 2]], np.uint8)
+    pred = np.array([[1, 2, 2, 1], [0, 0, 0, 0]], np.uint8)
+    s = scores(pred, labels)
+    # Cloud on 7 labelled pixels: tp 1, fn 1, fp 0, tn 5.
+    assert s["cloud_pixels"] == 7
+    assert s["cloud_boa"] == pytest.approx((1 / 2 + 1) / 2)
+    # Shadow only where labels know it (3 = clear-or-shadow is left out): 5 pixels, tp 1, fn 1.
+    assert s["shadow_pixels"] == 5
+    assert s["shadow_f1"] == pytest.approx(2 / 3)
+    assert "shadow_f1" not in scores(pred, np.where(labels == 2, 3, labels))
+
+
+def test_boa_accepts_logits_and_classes():
+    labels = [np.array([[[1, 0], [0, 255]]], np.uint8)]
+    logits = np.zeros((1, 3, 2, 2), np.float32)
+    logits[0, 1, 0, 0] = 5.0
+    assert boa([logits], labels) == 1.0
+    assert boa([np.zeros((1, 2, 2), np.uint8)], labels) == 0.5
+
+
+def test_loss_marginalises_teacher_labels():
+    logits = torch.tensor([1.0, 2.0, 0.5]).reshape(1, 3, 1, 1)
+    p = torch.softmax(logits, 1)[0, :, 0, 0]
+    got = loss(logits, torch.tensor([[[3]]]))
+    assert float(got) == pytest.approx(float(-torch.log(p[0] + p[2])), rel=1e-5)
+    assert float(loss(logits, torch.tensor([[[1]]]))) == pytest.approx(float(-torch.log(p[1])))
+    assert float(loss(logits, torch.tensor([[[255]]]))) == 0.0
+
+
+@pytest.mark.parametrize("name,bands", [("cloud-4band", 4), ("cloud-6band", 6)])
+def test_zoo_entries(name, bands):
+    entry = zoo.get(name)
+    assert entry.task == "cloud" and entry.output_kind == "classes"
+    assert entry.bands[:4] == ["blue", "green", "red", "nir"] and len(entry.bands) == bands
+    assert entry.input_scale == [1e-4] * bands and entry.input_offset == [0.0] * bands
+    assert entry.tile_size == 256 and entry.metric_name == "boa"
+    assert entry.classes == {0: "clear", 1: "cloud", 2: "shadow"}
+    assert entry.card is not None and entry.card.exists()
+
+
+def test_onnx_export_matches_torch(tmp_path, test_data):
+    ort = pytest.importorskip("onnxruntime")
+    from onboard.models.cloud.model import export_onnx
+
+    model = load_model(6)
+    path = tmp_path / "cloud.onnx"
+    export_onnx(model, str(path), 6)
+    crop = np.load(test_data / "ukis_6band_crop.npz")["img"].transpose(2, 0, 1)[None]
+    x = np.ascontiguousarray(crop, np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 1e-3
+    assert {n.op_type for n in __import__("onnx").load(str(path)).graph.node} <= {
+        "Conv", "Relu", "Add", "Concat", "Resize", "AveragePool", "Constant"}
