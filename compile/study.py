@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", type=Path, default=HERE / "REPORT.md")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="weights to use instead of the zoo entry's (a pinned copy)")
     args = parser.parse_args(argv)
 
     zoo = resolve_model(args.model)
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out_dir / f"{zoo.name}-{name}.onboard"
         print(f"[study] compiling {name}", file=sys.stderr, flush=True)
         try:
-            result = compile_model(zoo, out, options)
+            result = compile_model(zoo, out, options, checkpoint=args.checkpoint)
             reports[name] = result.report
             bundles[name] = out
         except AccuracyGateError as error:
