@@ -52,6 +52,9 @@ def export_onnx(model: Any, example: Any, path: Path, dynamic_batch: bool = True
         slim = onnxslim.slim(str(path))
         if slim is None:
             raise CompileError(f"{path}: onnxslim could not simplify the exported graph")
+        # Intermediate shape annotations are optional; with free height/width they hold long
+        # symbolic expressions (a quarter of the file for a small net): uplink bytes for nothing.
+        del slim.graph.value_info[:]
         onnx.save(slim, str(path))
     onnx.checker.check_model(str(path))
     return path

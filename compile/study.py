@@ -49,7 +49,7 @@ def _step(report: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def engine_latency(bundles: dict[str, Path], tile: np.ndarray, rounds: int,
-                   threads: int, block: int = 10) -> dict[str, dict[str, float]]:
+                   threads: int, block: int = 10, batch: int = 1) -> dict[str, dict[str, float]]:
     """Median and minimum ms per tile of each bundle's engine, timed round-robin in blocks of
     ``block`` runs (so that one engine's idle threads, e.g. ONNX Runtime's spin-wait, touch only
     the first run of the next engine's block)."""
@@ -60,14 +60,15 @@ def engine_latency(bundles: dict[str, Path], tile: np.ndarray, rounds: int,
     for name, path in bundles.items():
         bundle = Bundle.open(path)
         backend = next(iter(bundle.manifest.engines))
-        engines[name] = open_engine(bundle, backend, "cpu", threads=threads, warmup=3)
+        engines[name] = open_engine(bundle, backend, "cpu", threads=threads, warmup=3,
+                                    batch_size=batch)
     times: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(max(1, rounds // block)):
         for name, engine in engines.items():
             for _ in range(block):
                 start = time.perf_counter()
                 engine.run(tile)
-                times[name].append((time.perf_counter() - start) * 1000.0)
+                times[name].append((time.perf_counter() - start) * 1000.0 / len(tile))
     for engine in engines.values():
         engine.close()
     return {name: {"median": float(statistics.median(t)), "min": float(min(t)), "runs": len(t)}
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/onboard-compile-study"))
     parser.add_argument("--prune", type=float, default=0.5)
     parser.add_argument("--max-drop", type=float, default=0.01)
-    parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--finetune-epochs", type=int, default=4)
+    parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--finetune-lr", type=float, default=None)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
@@ -120,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             reports[name] = json.loads((out.parent / f"{out.name}.report.json").read_text())
             print(f"[study] {name}: {error}", file=sys.stderr, flush=True)
 
-    tile = np.ascontiguousarray(zoo.calibration_tiles(root, 1), np.float32)
-    latency = engine_latency(bundles, tile, args.rounds, args.threads) if bundles else {}
+    tile = np.ascontiguousarray(zoo.calibration_tiles(root, 8), np.float32)
+    latency = engine_latency(bundles, tile[:1], args.rounds, args.threads) if bundles else {}
+    # Throughput: 8 tiles per call, where per-call overheads no longer hide the arithmetic.
+    latency8 = engine_latency(bundles, tile, max(20, args.rounds // 4), args.threads,
+                              batch=len(tile)) if bundles else {}
     study = {
         "model": zoo.name, "data_root": str(root),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average "
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started), "threads": args.threads,
         "tile": list(tile.shape), "rounds": args.rounds,
         "engine_latency_ms": latency,
+        "engine_latency_ms_per_tile_batch8": latency8,
         "bundle_bytes": {n: p.stat().st_size for n, p in bundles.items()},
         "reports": reports,
     }
@@ -209,8 +214,19 @@ def render(study: dict[str, Any]) -> str:
         lines.append("- Bundle sizes: " + ", ".join(
             f"{n} {b / 1e6:.3f} MB" for n, b in sizes.items()) + ".")
     if lat:
-        lines.append("- Engine latency (flight runtime, median / min): " + ", ".join(
-            f"{n} {v['median']:.2f} / {v['min']:.2f} ms" for n, v in lat.items()) + ".")
+        lines.append("- Engine latency (flight runtime, one tile per call, median / min): "
+                     + ", ".join(f"{n} {v['median']:.2f} / {v['min']:.2f} ms"
+                                 for n, v in lat.items()) + ".")
+    lat8 = study.get("engine_latency_ms_per_tile_batch8") or {}
+    if lat8:
+        lines.append("- Engine time per tile with 8 tiles per call (median / min): "
+                     + ", ".join(f"{n} {v['median']:.2f} / {v['min']:.2f} ms"
+                                 for n, v in lat8.items()) + ".")
+        if "fp32-ort" in lat8 and "int8-ov" in lat8:
+            a, b = lat8["fp32-ort"], lat8["int8-ov"]
+            lines.append(f"  INT8 OpenVINO vs fp32 ONNX Runtime at 8 tiles per call: "
+                         f"**{a['median'] / b['median']:.2f}×** (median), "
+                         f"{a['min'] / b['min']:.2f}× (min).")
     for name, report in reports.items():
         from onboard.compile.gate import markdown
 
