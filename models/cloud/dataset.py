@@ -268,7 +268,7 @@ class TileSampler:
     """
 
     def __init__(self, scenes: list[LabelledScene], bands: int, tile: int = 128,
-                 seed: int = 0, human_share: float = 0.5) -> None:
+                 seed: int = 0, human_share: float = 0.75) -> None:
         self.bands = bands
         self.tile = tile
         self.rng = np.random.default_rng(seed)

@@ -1,7 +1,7 @@
 """Train the cloud model: ``python -m onboard.models.cloud.train --bands 4|6``.
 
 Human masks (the training rows of the UKIS scene) and s2cloudless teacher labels (the 13-band
-scene's training rows and the training OSCD cities) are mixed half and half per batch. Teacher
+scene's training rows and the training OSCD cities) are mixed 3 tiles to 1 per batch. Teacher
 labels say only cloud / not cloud, so for them the loss is the likelihood of "clear or shadow"
 (the two classes' probabilities summed): shadow is learnt from the human masks alone, without
 the teacher pushing shadow pixels towards "clear".
@@ -30,8 +30,10 @@ def weights_path(bands: int) -> Path:
     return HERE / f"weights_{bands}band.pt"
 
 
-def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss(logits: torch.Tensor, labels: torch.Tensor,
+         class_weights: dict[int, float] | None = None) -> torch.Tensor:
     """Cross-entropy over 0 clear / 1 cloud / 2 shadow, with 3 = "clear or shadow", 255 ignored."""
+    class_weights = CLASS_WEIGHTS if class_weights is None else class_weights
     labels = torch.as_tensor(labels, device=logits.device).long()
     logp = F.log_softmax(logits.float(), dim=1)
     exact = labels.clamp(max=SHADOW)
@@ -39,20 +41,30 @@ def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     not_cloud = -torch.logaddexp(logp[:, CLEAR], logp[:, SHADOW])
     nll = torch.where(labels == NOT_CLOUD, not_cloud, nll)
     weight = torch.zeros_like(nll)
-    for value, w in CLASS_WEIGHTS.items():
+    for value, w in class_weights.items():
         weight = torch.where(labels == value, torch.full_like(nll, w), weight)
     weight = torch.where(labels == IGNORE, torch.zeros_like(nll), weight)
     return (nll * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
-          root: Path | None, out: Path, log_every: int = 50) -> torch.nn.Module:
+          root: Path | None, out: Path, log_every: int = 50, cloud_weight: float | None = None,
+          human_share: float = 0.75, tune_rows: int = 0, threads: int = 2) -> torch.nn.Module:
+    """Train and save a state_dict to ``out``; ``tune_rows`` > 0 also keeps the first
+    ``tune_rows`` training rows of the UKIS scene out, as an inner validation for choosing
+    settings without looking at the held-out rows."""
     torch.manual_seed(seed)
     np.random.seed(seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     scenes = dataset.training_scenes(root)
-    sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed)
+    if tune_rows:
+        ukis = scenes[0]
+        scenes[0] = dataset.split_rows(ukis, tune_rows, ukis.labels.shape[0])
+    weights = dict(CLASS_WEIGHTS)
+    if cloud_weight is not None:
+        weights[CLOUD] = cloud_weight
+    sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed, human_share=human_share)
     print(f"data: {len(sampler.human)} human + {len(sampler.teacher)} teacher scenes "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     model = build(bands)
@@ -66,7 +78,7 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
     for step in range(1, steps + 1):
         x, y = sampler.batch(batch)
         logits = model(torch.from_numpy(x))
-        value = loss(logits, torch.from_numpy(y))
+        value = loss(logits, torch.from_numpy(y), weights)
         opt.zero_grad()
         value.backward()
         opt.step()
@@ -86,20 +98,34 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bands", type=int, choices=(4, 6), required=True)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=None, help="ONBOARD_DATA folder")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--cloud-weight", type=float, default=None)
+    parser.add_argument("--human-share", type=float, default=0.75)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (at most 2 here)")
+    parser.add_argument("--tune-rows", type=int, default=0,
+                        help="keep this many UKIS training rows out and report on them "
+                             "(for choosing settings; the held-out rows are not looked at)")
     args = parser.parse_args(argv)
     out = args.out or weights_path(args.bands)
     model = train(args.bands, args.steps, args.batch, args.tile, args.lr, args.seed,
-                  args.data, out)
+                  args.data, out, cloud_weight=args.cloud_weight,
+                  human_share=args.human_share, tune_rows=args.tune_rows,
+                  threads=args.threads)
     from onboard.models.cloud.evaluate import predict_torch
     from onboard.models.cloud.metrics import scores
 
+    if args.tune_rows:
+        ukis = dataset.ukis_scene(args.data)
+        pred = predict_torch(model, ukis.image[: args.bands])
+        rows = slice(dataset.UKIS_HELDOUT_ROWS, dataset.UKIS_HELDOUT_ROWS + args.tune_rows)
+        print("inner validation:", scores(pred[rows], ukis.labels[rows]), flush=True)
+        return 0
     held = dataset.heldout_human(args.data)
     pred = predict_torch(model, held.image[: args.bands])
     print("held-out UKIS:", scores(pred, held.labels), flush=True)
