@@ -9,7 +9,12 @@ torch = pytest.importorskip("torch", reason="the cloud model is ground-side and 
 
 from onboard.models import zoo  # noqa: E402
 from onboard.models.cloud import dataset  # noqa: E402
-from onboard.models.cloud.evaluate import load_model, predict_torch  # noqa: E402
+from onboard.models.cloud.evaluate import (  # noqa: E402
+    labelled_npz,
+    load_model,
+    predict_torch,
+    score_any,
+)
 from onboard.models.cloud.metrics import binary_scores, boa, scores  # noqa: E402
 from onboard.models.cloud.model import build, count_parameters, macs_per_pixel  # noqa: E402
 from onboard.models.cloud.train import loss  # noqa: E402
@@ -18,14 +23,6 @@ from onboard.models.cloud.train import loss  # noqa: E402
 # rows through the zoo 0.955 (4) and 0.961 (6).
 CROP_MIN_BOA = {4: 0.92, 6: 0.92}
 HELDOUT_MIN_BOA = {4: 0.93, 6: 0.94}
-
-
-def _crop_labels(msk: np.ndarray) -> np.ndarray:
-    out = np.full(msk.shape, dataset.IGNORE, np.uint8)
-    out[(msk == 1) | (msk == 3)] = 0
-    out[msk == 4] = 1
-    out[msk == 0] = 2
-    return out
 
 
 @pytest.mark.parametrize("bands", [4, 6])
@@ -51,11 +48,24 @@ def test_heldout_crop_boa(test_data, bands):
     # tests/data/ukis_6band_crop.npz is img[:128, :128] of the UKIS scene: inside the held-out
     # rows [0, 224) that training never sees.
     assert dataset.UKIS_HELDOUT_ROWS >= 128
+    crop = labelled_npz(test_data / "ukis_6band_crop.npz")
+    raw = np.load(test_data / "ukis_6band_crop.npz")["msk"][..., 0]
+    assert np.array_equal(crop.labels == 2, raw == 0) and np.array_equal(crop.labels == 1, raw == 4)
+    pred = predict_torch(load_model(bands), crop.image[:bands])
+    assert scores(pred, crop.labels)["cloud_boa"] >= CROP_MIN_BOA[bands]
+
+
+def test_score_any_labelled_file(test_data, tmp_path):
     crop = np.load(test_data / "ukis_6band_crop.npz")
-    image = crop["img"].transpose(2, 0, 1)[:bands]
-    labels = _crop_labels(crop["msk"][..., 0])
-    pred = predict_torch(load_model(bands), np.ascontiguousarray(image))
-    assert scores(pred, labels)["cloud_boa"] >= CROP_MIN_BOA[bands]
+    path = tmp_path / "four.npz"
+    np.savez(path, img=crop["img"][..., :4], msk=crop["msk"])
+    got = score_any(labelled_npz(path))
+    # 4 bands only, and 128 pixels is too small for the peer's 256-pixel tiles.
+    assert set(got) == {"ours-4band"}
+    assert got["ours-4band"]["cloud_boa"] >= CROP_MIN_BOA[4]
+    np.savez(path, img=crop["img"][:64], msk=crop["msk"])
+    with pytest.raises(ValueError, match="four.npz.*do not fit"):
+        labelled_npz(path)
 
 
 @pytest.mark.parametrize("bands", [4, 6])

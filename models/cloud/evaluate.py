@@ -228,6 +228,39 @@ def run(root: Path | None = None, out: Path = HERE, teacher: bool = True,
     return results
 
 
+def labelled_npz(path: Path) -> LabelledScene:
+    """A labelled scene from an .npz like the UKIS test file: ``img`` (H, W, 4 or 6) reflectance
+    in BANDS_6 order and ``msk`` (H, W[, 1]) in UKIS coding (0 shadow, 1/3 clear, 4 cloud)."""
+    from onboard.runtime.errors import SceneError
+
+    data = np.load(path)
+    if "img" not in data or "msk" not in data:
+        raise SceneError(path, f"needs arrays 'img' and 'msk', has {sorted(data.files)}")
+    img, msk = data["img"], data["msk"]
+    msk = msk[..., 0] if msk.ndim == 3 else msk
+    if img.ndim != 3 or img.shape[2] not in (4, 6) or img.shape[:2] != msk.shape:
+        raise SceneError(path, f"img {img.shape} and msk {msk.shape} do not fit (H, W, 4|6)")
+    labels = np.full(msk.shape, IGNORE, np.uint8)
+    labels[(msk == 1) | (msk == 3)] = 0
+    labels[msk == 4] = 1
+    labels[msk == 0] = 2
+    image = np.ascontiguousarray(img.transpose(2, 0, 1), np.float32)
+    return LabelledScene(Path(path).stem, image, labels, 0.0, human=True)
+
+
+def score_any(scene: LabelledScene) -> dict[str, dict]:
+    """Ours (torch) and ukis-csmask (when the scene is at least 256 pixels) on every labelled
+    pixel of one scene, for each band set the scene has."""
+    out = {}
+    for b in (4, 6):
+        if scene.image.shape[0] < b:
+            continue
+        out[f"ours-{b}band"] = scores(predict_torch(load_model(b), scene.image[:b]), scene.labels)
+        if min(scene.labels.shape) >= MIN_PEER_SIZE:
+            out[f"ukis-csmask-{b}band"] = scores(predict_csmask(scene.image, b), scene.labels)
+    return out
+
+
 def _fmt(value: float) -> str:
     return "–" if value is None or value != value else f"{value:.3f}"
 
@@ -272,7 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-teacher", action="store_true",
                         help="skip the agreement with s2cloudless on held-out OSCD cities")
     parser.add_argument("--bands", type=int, nargs="+", choices=(4, 6), default=[4, 6])
+    parser.add_argument("--scene", type=Path, default=None,
+                        help="score one labelled .npz (img, msk as in the UKIS file) and stop")
     args = parser.parse_args(argv)
+    if args.scene is not None:
+        for name, s in score_any(labelled_npz(args.scene)).items():
+            print(name, json.dumps({k: round(v, 4) for k, v in s.items()}))
+        return 0
     results = run(args.data, args.out, teacher=not args.no_teacher, band_sets=tuple(args.bands))
     print(markdown(results))
     return 0
