@@ -188,3 +188,10 @@ def test_sampler_tiles(shared_data):
     x, y = sampler.batch(6)
     assert x.shape == (6, 4, 64, 64) and x.dtype == np.float32
     assert y.shape == (6, 64, 64) and set(np.unique(y)) <= {0, 1, 2, 3, 255}
+
+
+def test_missing_data_names_the_file(tmp_path):
+    with pytest.raises(ValueError, match="ukis_sentinel2_6band.npz"):
+        dataset.ukis_scene(tmp_path)
+    with pytest.raises(ValueError, match="oscd"):
+        dataset.oscd_cities(tmp_path)

@@ -115,6 +115,8 @@ def split_rows(scene: LabelledScene, start: int, stop: int) -> LabelledScene:
 
 def oscd_cities(root: str | Path | None = None) -> list[str]:
     folder = data_root(root) / "oscd"
+    if not folder.is_dir():
+        raise SceneError(folder, "OSCD folder not found (set ONBOARD_DATA)")
     return sorted(p.name for p in folder.iterdir() if (p / "imgs_1").is_dir())
 
 
