@@ -518,3 +518,44 @@ def test_fp16_for_onnxruntime_without_converter_is_a_clear_error(onnx_fp32: Path
     else:
         path = quantize.convert_fp16(onnx_fp32, tmp_path / "h.onnx")
         assert runners.ort_runner(path)(calibration_tiles(DATA, 1)).shape == (1, 3, TILE, TILE)
+
+
+def test_cli_user_checkpoint_with_its_own_class(tmp_path: Path) -> None:
+    bundle_mod = pytest.importorskip("onboard.runtime.bundle")
+    torch.manual_seed(1)
+    ck = tmp_path / "narrow.pt"
+    torch.save(NarrowCloudNet().state_dict(), ck)
+    rc, out = _compile(tmp_path, "--target", "onnxruntime", "--checkpoint", str(ck),
+                       "--model-class", "test_compile:NarrowCloudNet", "--bundle-version", "9.9")
+    assert rc == 0
+    report = _report(out)
+    assert report["model_class"] == "test_compile:NarrowCloudNet"
+    assert report["gate"]["steps"][0]["params"] < 10_000  # the narrow net, not the zoo's
+    assert bundle_mod.Bundle.open(out).manifest.version == "9.9"
+
+
+@pytest.mark.slow
+def test_cli_real_cloud_zoo_model_to_openvino_int8(tmp_path: Path, shared_data: Path) -> None:
+    """The zoo's real cloud model, its own held-out data and metric, INT8 OpenVINO."""
+    bundle_mod = pytest.importorskip("onboard.runtime.bundle")
+    from onboard.models import zoo
+
+    try:
+        entry = zoo.get("cloud-4band")
+    except KeyError:
+        pytest.skip("the cloud zoo model is not registered")
+    if not Path(entry.weights).exists():
+        pytest.skip(f"{entry.weights} not trained yet")
+    out = tmp_path / "cloud.onboard"
+    rc = main(["compile", "cloud-4band", "--data", str(shared_data), "--target", "openvino",
+               "--precision", "int8", "--max-drop", "0.02", "--max-size", "5",
+               "--calibration-tiles", "16", "--latency-repeats", "2", "--out", str(out)])
+    assert rc == 0
+    report = _report(out)
+    assert [s["step"] for s in report["gate"]["steps"]] == ["fp32", "onnx-fp32", "ir-int8-nncf"]
+    assert report["gate"]["steps"][-1]["drop"] <= 0.02
+    bundle = bundle_mod.Bundle.open(out)
+    assert bundle.manifest.input.bands == ["blue", "green", "red", "nir"]
+    assert bundle.manifest.input.scale == [1e-4] * 4
+    assert report["bundle"]["verified_metric"] == pytest.approx(
+        report["gate"]["steps"][-1]["metric"], abs=5e-3)
