@@ -195,3 +195,17 @@ def test_missing_data_names_the_file(tmp_path):
         dataset.ukis_scene(tmp_path)
     with pytest.raises(ValueError, match="oscd"):
         dataset.oscd_cities(tmp_path)
+
+
+def test_calibration_tiles_from_training_split(shared_data):
+    entry = zoo.get("cloud-6band")
+    tiles = entry.calibration_tiles(shared_data, 4)
+    assert tiles.shape == (4, 6, 256, 256) and tiles.dtype == np.float32
+    assert np.isfinite(tiles).all()
+    ukis = dataset.ukis_scene(shared_data)
+    images = dataset.training_images(shared_data)
+    assert np.array_equal(images[0], ukis.image[:, dataset.UKIS_HELDOUT_ROWS:])
+    # Even tiles come from the UKIS training rows: found there, not in the held-out rows.
+    train_rows = ukis.image[:, dataset.UKIS_HELDOUT_ROWS:]
+    corner = tiles[0, :, 0, 0]
+    assert np.any(np.all(train_rows.transpose(1, 2, 0) == corner, axis=2))

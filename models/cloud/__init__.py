@@ -51,18 +51,19 @@ def validation_batches(root: Path, bands: int = 4) -> list[tuple[np.ndarray, np.
 
 
 def calibration_tiles(root: Path, n: int, bands: int = 4, seed: int = 2) -> np.ndarray:
-    """``n`` unaugmented 256 x 256 tiles from the training split (human and teacher scenes)."""
+    """``n`` unaugmented 256 x 256 tiles from training-split images (no held-out pixel, and no
+    teacher labels needed, so no s2cloudless run)."""
     from onboard.models.cloud import dataset
 
     rng = np.random.default_rng(seed)
-    scenes = [s for s in dataset.training_scenes(root) if min(s.labels.shape) >= TILE]
-    # The UKIS training rows are 288 x 512: enough for 256-pixel tiles; take it every other time.
+    images = [im for im in dataset.training_images(root) if min(im.shape[1:]) >= TILE]
+    # The UKIS training rows (288 x 512, the only human-labelled sensor) every other tile.
     tiles = []
     for i in range(n):
-        scene = scenes[0] if i % 2 == 0 else scenes[int(rng.integers(1, len(scenes)))]
-        h, w = scene.labels.shape
+        image = images[0] if i % 2 == 0 else images[int(rng.integers(1, len(images)))]
+        h, w = image.shape[1:]
         r, c = int(rng.integers(0, h - TILE + 1)), int(rng.integers(0, w - TILE + 1))
-        tiles.append(scene.image[:bands, r : r + TILE, c : c + TILE])
+        tiles.append(image[:bands, r : r + TILE, c : c + TILE])
     return np.ascontiguousarray(np.stack(tiles), np.float32)
 
 

@@ -226,6 +226,22 @@ def training_scenes(root: str | Path | None = None, oscd: bool = True) -> list[L
     return scenes
 
 
+CALIBRATION_CITIES = ("abudhabi", "beihai", "bercy")
+
+
+def training_images(root: str | Path | None = None,
+                    cities: tuple[str, ...] = CALIBRATION_CITIES) -> list[np.ndarray]:
+    """Unlabelled training-split images (no teacher needed): the UKIS and 13-band training rows
+    and a few training OSCD cities (desert, cloudy coast, cloudy city) read straight from disk."""
+    images = [s.image for s in training_scenes(root, oscd=False)]
+    folder = data_root(root) / "oscd"
+    for city in cities:
+        if city in OSCD_HELDOUT or not (folder / city).is_dir():
+            continue
+        images.append(_read_oscd(folder / city / "imgs_1")[0])
+    return images
+
+
 def heldout_human(root: str | Path | None = None) -> LabelledScene:
     """The held-out human-labelled rows of the UKIS scene."""
     ukis = ukis_scene(root)
