@@ -158,6 +158,10 @@ def write_bundle(path: str | Path, manifest: Manifest,
             _append_trailer(handle, path)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp makes the file private (0600); a bundle is for others to read, as any file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
