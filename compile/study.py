@@ -8,6 +8,7 @@ Three compiles of the same model, then the flight runtime's engines on the three
 * ``int8-ov``: unpruned, OpenVINO INT8 (NNCF with accuracy control when ``--max-drop`` is set).
   Its report holds the ONNX Runtime fp32 step and the OpenVINO INT8 step of one compile.
 * ``int8-ort``: unpruned, ONNX Runtime INT8 QDQ, for comparison.
+* ``pruned-fp32-ort``: 50 % of the channels pruned, fine-tuned, ONNX Runtime fp32.
 * ``pruned-int8-ov``: 50 % of the channels pruned, fine-tuned, OpenVINO INT8: the "after"
   bundle. Its ONNX Runtime fp32 step is the pruned model to compare with ``int8-ov``'s.
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--finetune-lr", type=float, default=None)
-    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", type=Path, default=HERE / "REPORT.md")
     parser.add_argument("--checkpoint", type=Path, default=None,
@@ -101,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         "fp32-ort": CompileOptions(target="onnxruntime", precision="fp32", **common),
         "int8-ov": CompileOptions(target="openvino", precision="int8", **common),
         "int8-ort": CompileOptions(target="onnxruntime", precision="int8", **common),
+        "pruned-fp32-ort": CompileOptions(
+            target="onnxruntime", precision="fp32", prune=args.prune,
+            finetune_epochs=args.finetune_epochs, finetune_steps=args.finetune_steps,
+            finetune_lr=args.finetune_lr, **common),
         "pruned-int8-ov": CompileOptions(
             target="openvino", precision="int8", prune=args.prune,
             finetune_epochs=args.finetune_epochs, finetune_steps=args.finetune_steps,
@@ -191,6 +196,15 @@ def render(study: dict[str, Any]) -> str:
             f"({fp32_ort['latency_ms'] / int8_ort['latency_ms']:.2f}×, minimum "
             f"{fp32_ort['latency_min_ms'] / int8_ort['latency_min_ms']:.2f}×); {metric} drop "
             f"{int8_ort['drop']:+.4f}.")
+    for batch_name, table in (("one tile", lat),
+                              ("8 tiles", study.get("engine_latency_ms_per_tile_batch8") or {})):
+        if "fp32-ort" in table and "pruned-fp32-ort" in table:
+            a, b = table["fp32-ort"], table["pruned-fp32-ort"]
+            lines.append(
+                f"- Pruned vs unpruned, both fp32 ONNX Runtime bundles in the flight runtime, "
+                f"{batch_name} per call: median {a['median']:.2f} → {b['median']:.2f} ms/tile "
+                f"({a['median'] / b['median']:.2f}×), minimum {a['min']:.2f} → {b['min']:.2f} "
+                f"({a['min'] / b['min']:.2f}×).")
     if "fp32-ort" in lat and "pruned-int8-ov" in lat:
         a, b = lat["fp32-ort"], lat["pruned-int8-ov"]
         lines.append(
