@@ -47,6 +47,8 @@ class CompileOptions:
     target: str
     precision: str = "fp32"
     prune: float = 0.0
+    # Keep pruned channel counts multiples of this (SIMD width: 16 floats on AVX-512).
+    round_to: int | None = None
     max_drop: float | None = None
     max_size_mb: float | None = None  # 1 MB = 10**6 bytes, as uplink budgets are quoted
     data_root: Path | None = None
@@ -69,6 +71,8 @@ class CompileOptions:
         if not (isinstance(self.prune, int | float) and math.isfinite(self.prune)
                 and 0.0 <= self.prune < 1.0):
             raise CompileError(f"--prune must be a ratio in [0, 1), got {self.prune!r}")
+        if self.round_to is not None and self.round_to < 1:
+            raise CompileError(f"--round-to must be >= 1, got {self.round_to}")
         self.max_drop = gate.check_max_drop(self.max_drop)
         if self.max_size_mb is not None and not (math.isfinite(self.max_size_mb)
                                                  and self.max_size_mb > 0):
@@ -420,7 +424,7 @@ def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps
     if options.prune > 0:
         _progress(f"pruning {options.prune:.0%} of the channels (torch-pruning, L2 magnitude)")
         example = torch.from_numpy(steps.tile)
-        prune.prune_channels(model, example, options.prune)
+        prune.prune_channels(model, example, options.prune, round_to=options.round_to)
         can_tune = epochs > 0 and zoo.train_batches is not None and zoo.loss is not None
         steps.torch_step("pruned", model, gated=not can_tune,
                          notes="judged after its fine-tune" if can_tune else

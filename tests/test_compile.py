@@ -231,6 +231,15 @@ def test_fine_tune_recovers_pruned_accuracy(trained: nn.Module, validation: list
     assert tuned >= pruned
 
 
+def test_prune_round_to_keeps_channel_multiples(trained: nn.Module) -> None:
+    model = copy.deepcopy(trained)
+    example = torch.from_numpy(validation_batches(DATA)[0][0][:1])
+    prune.prune_channels(model, example, 0.6, round_to=8)
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)][:-1]
+    assert widths and all(w % 8 == 0 for w in widths)
+    assert sum(widths) < 16 + 32 + 32 + 16  # something was pruned
+
+
 def test_prune_ratio_out_of_range(trained: nn.Module) -> None:
     example = torch.from_numpy(validation_batches(DATA)[0][0][:1])
     with pytest.raises(CompileError, match="prune"):

@@ -23,6 +23,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)}")
     parser.add_argument("--prune", type=float, default=0.0, metavar="RATIO",
                         help="fraction of channels to remove per layer, in [0, 1) (default 0)")
+    parser.add_argument("--round-to", type=int, default=None, metavar="N",
+                        help="keep pruned channel counts multiples of N (e.g. 16 for AVX-512)")
     parser.add_argument("--max-drop", type=float, default=None, metavar="X",
                         help="largest allowed drop of the model's metric from the fp32 model, in "
                         "the metric's units (0.01 = one point of a 0-1 metric)")
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from onboard.compile import CompileOptions, compile_model, resolve_model
 
     options = CompileOptions(
-        target=args.target, precision=args.precision, prune=args.prune, max_drop=args.max_drop,
+        target=args.target, precision=args.precision, prune=args.prune,
+        round_to=args.round_to, max_drop=args.max_drop,
         max_size_mb=args.max_size, data_root=args.data, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, finetune_steps=args.finetune_steps,
         calibration_tiles=args.calibration_tiles, seed=args.seed,
