@@ -31,22 +31,24 @@ import json, os, resource, sys, time
 import numpy as np
 from onboard.runtime.engines import open_engine
 from onboard.runtime.inference import Predictor
-bundle, backend, threads, data, zoo_name = sys.argv[1:6]
+bundle, backend, threads, data, zoo_name, per_call, repeats = sys.argv[1:8]
+per_call, repeats = int(per_call), int(repeats)
 t0 = time.perf_counter()
-engine = open_engine(bundle, backend, threads=int(threads), batch_size=1, warmup=2)
+engine = open_engine(bundle, backend, threads=int(threads), batch_size=per_call, warmup=5)
 load_s = time.perf_counter() - t0
 predictor = Predictor(engine)
 size = predictor.tile_size
 rng = np.random.default_rng(0)
-tile = [rng.random((len(engine.input_spec.bands), size, size), dtype=np.float32) * 0.3]
+tiles = [rng.random((len(engine.input_spec.bands), size, size), dtype=np.float32) * 0.3
+         for _ in range(per_call)]
 times = []
-for _ in range(30):
+for _ in range(repeats):
     t = time.perf_counter()
-    predictor.run(tile)
+    predictor.run(tiles)
     times.append(time.perf_counter() - t)
-median = float(np.median(times))
-result = {"load_s": load_s, "latency_ms": median * 1e3, "mpx_s": size * size / median / 1e6,
-          "tile": size}
+median, best = float(np.median(times)), float(np.min(times))
+result = {"load_s": load_s, "latency_ms": median * 1e3, "min_ms": best * 1e3,
+          "mpx_s": per_call * size * size / median / 1e6, "tile": size, "per_call": per_call}
 if zoo_name != "-":
     from onboard.models import zoo
     entry = zoo.get(zoo_name)
@@ -77,10 +79,12 @@ def runnable(backend: str) -> str | None:
     return None
 
 
-def measure(bundle: Path, backend: str, threads: int, data: Path, zoo_name: str) -> dict:
+def measure(bundle: Path, backend: str, threads: int, data: Path, zoo_name: str,
+            per_call: int = 4, repeats: int = 100) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     out = subprocess.run([sys.executable, "-c", MEASURE, str(bundle), backend, str(threads),
-                          str(data), zoo_name], capture_output=True, text=True, env=env)
+                          str(data), zoo_name, str(per_call), str(repeats)],
+                         capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -105,7 +109,8 @@ def peer_bundle(folder: Path, zoo_name: str) -> Path | None:
                               dn_per_input_unit=1.0, name=f"ukis-csmask-4b (peer of {zoo_name})")
 
 
-def run(bundles: list[Path], threads: int, data: Path, peers: bool) -> list[dict[str, Any]]:
+def run(bundles: list[Path], threads: int, data: Path, peers: bool, per_call: int = 4,
+        repeats: int = 100) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     zoo_names = []
     for path in bundles:
@@ -121,7 +126,7 @@ def run(bundles: list[Path], threads: int, data: Path, peers: bool) -> list[dict
                 row["skipped"] = why_not
             else:
                 print(f"measuring {path.name} on {backend} ...", file=sys.stderr)
-                row.update(measure(path, backend, threads, data, zoo_name))
+                row.update(measure(path, backend, threads, data, zoo_name, per_call, repeats))
             rows.append(row)
     if peers and any(n != "-" for n in zoo_names):
         with tempfile.TemporaryDirectory() as tmp:
@@ -133,18 +138,20 @@ def run(bundles: list[Path], threads: int, data: Path, peers: bool) -> list[dict
                 row = {"model": "ukis-csmask-4b (peer)", "bundle": "(pip package)",
                        "backend": "onnxruntime", "precision": "fp32",
                        "size_kb": round(peer.stat().st_size / 1024, 1)}
-                row.update(measure(peer, "onnxruntime", threads, data, zoo_name))
+                row.update(measure(peer, "onnxruntime", threads, data, zoo_name, per_call,
+                                   max(repeats // 10, 5)))
                 rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], threads: int) -> str:
+def markdown(rows: list[dict[str, Any]], threads: int, per_call: int) -> str:
     lines = ["# Engines: model × backend × precision", "",
-             f"Measured in one run on this machine, {threads} threads, one 256×256 tile per "
-             "call (median of 30 after warm-up); peak RSS of a fresh process that loads and "
-             "runs the engine; metric on the zoo model's held-out split through that engine.",
-             "", "| model | backend | precision | size KB | latency ms | Mpx/s | peak RSS MB "
-             "| metric |", "|---|---|---|---|---|---|---|---|"]
+             f"Measured in one run on this machine, {threads} threads, {per_call} 256×256 tiles "
+             "per call (latency: median and minimum per call after warm-up; Mpx/s from the "
+             "median); peak RSS of a fresh process that loads and runs the engine; metric on "
+             "the zoo model's held-out split through that engine.",
+             "", "| model | backend | precision | size KB | latency ms (min) | Mpx/s | "
+             "peak RSS MB | metric |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r or "error" in r:
             why = r.get("skipped") or r.get("error")
@@ -153,26 +160,37 @@ def markdown(rows: list[dict[str, Any]], threads: int) -> str:
             continue
         metric = f"{r['metric']} {r['value']:.4f}" if "metric" in r else "–"
         lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['size_kb']} | "
-                     f"{r['latency_ms']:.2f} | {r['mpx_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{metric} |")
+                     f"{r['latency_ms']:.2f} ({r['min_ms']:.2f}) | {r['mpx_s']:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} | {metric} |")
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
-    """Mpx/s per row as a horizontal bar chart PNG (log scale: peers are 100× slower)."""
-    from onboard.runtime.png import write_png
-
+def bar_chart(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Mpx/s of each measured row as a labelled horizontal bar chart (log scale: the peer is
+    100× slower). Needs Pillow (the [dev] extra); returns whether the PNG was written."""
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        print("Pillow not installed: no PNG chart", file=sys.stderr)
+        return False
     measured = [r for r in rows if "mpx_s" in r]
     if not measured:
-        return
-    height, bar, width = 24 * len(measured) + 8, 16, 600
-    image = np.full((height, width, 3), 255, np.uint8)
-    top = max(np.log10(r["mpx_s"] * 10 + 1) for r in measured)
+        return False
+    label_w, bar_w, row_h = 330, 420, 22
+    image = Image.new("RGB", (label_w + bar_w + 80, row_h * len(measured) + 30), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((6, 6), "throughput, Mpx/s (log scale), 256x256 tiles", fill="black")
+    top = np.log10(max(r["mpx_s"] for r in measured) * 10)
     for i, r in enumerate(measured):
-        length = int((width - 10) * np.log10(r["mpx_s"] * 10 + 1) / top)
+        y = 26 + row_h * i
+        label = f"{r['model']} {r['backend']} {r['precision']}"
+        draw.text((6, y + 4), label, fill="black")
+        length = max(int(bar_w * np.log10(max(r["mpx_s"], 0.011) * 10) / top), 2)
         colour = (200, 80, 40) if "peer" in r["model"] else (40, 110, 200)
-        image[8 + 24 * i: 8 + 24 * i + bar, 5: 5 + max(length, 2)] = colour
-    write_png(path, image)
+        draw.rectangle([label_w, y + 3, label_w + length, y + row_h - 3], fill=colour)
+        draw.text((label_w + length + 6, y + 4), f"{r['mpx_s']:.2f}", fill="black")
+    image.save(path)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,14 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundles", nargs="+", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peers", action="store_true")
+    parser.add_argument("--tiles-per-call", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--data", type=Path, default=Path(os.environ.get(
         "ONBOARD_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
     parser.add_argument("--out", type=Path, default=RESULTS / "engines")
     args = parser.parse_args(argv)
-    rows = run(args.bundles, args.threads, args.data, args.peers)
+    rows = run(args.bundles, args.threads, args.data, args.peers, args.tiles_per_call,
+               args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    text = markdown(rows, args.threads)
+    text = markdown(rows, args.threads, args.tiles_per_call)
     args.out.with_suffix(".md").write_text(text)
     bar_chart(rows, args.out.with_suffix(".png"))
     print(text)
