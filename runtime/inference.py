@@ -63,6 +63,9 @@ class Predictor:
             h, w = x.shape[1:]
             if h > size or w > size:
                 raise ValueError(f"tile {h}×{w} is larger than the model's {size}×{size}")
+            if h == size and w == size:
+                batch[i] = x
+                continue
             # Reflect-pad so that small scenes see plausible context, not a black border.
             mode = "reflect" if size - h < h and size - w < w else "edge"
             batch[i] = np.pad(x, ((0, 0), (0, size - h), (0, size - w)), mode=mode)
