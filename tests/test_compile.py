@@ -36,6 +36,7 @@ from onboard.compile import (  # noqa: E402
     quantize,
     runners,
 )
+from onboard.models.cloud.dataset import ukis_labels  # noqa: E402
 from onboard.models.zoo import ZooModel  # noqa: E402
 from onboard.runtime.cli import main  # noqa: E402
 from onboard.runtime.errors import (  # noqa: E402
@@ -80,12 +81,7 @@ class NarrowCloudNet(TinyCloudNet):
 def _scene(root: Path) -> tuple[np.ndarray, np.ndarray]:
     data = np.load(Path(root) / "ukis_6band_crop.npz")
     image = np.ascontiguousarray(data["img"].transpose(2, 0, 1), dtype=np.float32)
-    mask = data["msk"][..., 0]
-    labels = np.full(mask.shape, IGNORE, np.int64)
-    labels[(mask == 1) | (mask == 3)] = CLEAR
-    labels[mask == 4] = CLOUD
-    labels[mask == 0] = SHADOW
-    return image, labels
+    return image, ukis_labels(data["msk"][..., 0]).astype(np.int64)
 
 
 def _train_tiles(root: Path) -> tuple[np.ndarray, np.ndarray]:

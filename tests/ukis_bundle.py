@@ -94,6 +94,6 @@ def ukis_tiles(test_data: Path, size: int = 64) -> np.ndarray:
 
 def ukis_labels(test_data: Path) -> np.ndarray:
     """The crop's reference mask mapped to the model's classes (0 clear, 1 cloud, 2 shadow)."""
-    msk = np.load(test_data / "ukis_6band_crop.npz")["msk"][:, :, 0]
-    # ukis reference: 0 shadow, 1 and 3 clear (land, water), 4 cloud
-    return np.select([msk == 4, msk == 0], [1, 2], 0).astype(np.uint8)
+    from onboard.models.cloud.dataset import ukis_labels as remap
+
+    return remap(np.load(test_data / "ukis_6band_crop.npz")["msk"][:, :, 0])

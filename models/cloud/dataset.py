@@ -86,12 +86,16 @@ def ukis_scene(root: str | Path | None = None) -> LabelledScene:
     """The whole UKIS scene; remaps its mask (0 shadow, 1/3 clear, 4 cloud) to ours."""
     data = _load_npz(data_root(root) / UKIS_FILE)
     image = np.ascontiguousarray(data["img"].transpose(2, 0, 1), dtype=np.float32)
-    mask = data["msk"][..., 0]
+    return LabelledScene("ukis", image, ukis_labels(data["msk"][..., 0]), 30.0, human=True)
+
+
+def ukis_labels(mask: np.ndarray) -> np.ndarray:
+    """UKIS reference classes (0 shadow, 1 and 3 clear land and water, 4 cloud) as ours."""
     labels = np.full(mask.shape, IGNORE, np.uint8)
     labels[(mask == 1) | (mask == 3)] = CLEAR
     labels[mask == 4] = CLOUD
     labels[mask == 0] = SHADOW
-    return LabelledScene("ukis", image, labels, 30.0, human=True)
+    return labels
 
 
 def s2cloudless_scene(root: str | Path | None = None) -> LabelledScene:
