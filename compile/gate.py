@@ -156,6 +156,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"{'yes' if s['gated'] else 'no'} |"
         )
     notes = [f"- {s['step']}: {s['notes']}" for s in gate["steps"] if s["notes"]]
+    for s in gate["steps"]:
+        level = s.get("extra", {}).get("graph_optimization")
+        if level:
+            timings = ", ".join(f"{k} {v:.2f} ms" for k, v in
+                                s["extra"].get("graph_optimization_ms", {}).items())
+            notes.append(f"- {s['step']}: ONNX Runtime graph optimisation `{level}` "
+                         f"(measured here: {timings})")
     if notes:
         lines += ["", "Notes:", *notes]
     if report.get("bundle"):

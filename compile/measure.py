@@ -132,3 +132,20 @@ def latency_stats(run: Callable[[np.ndarray], Any], batch: np.ndarray, repeats: 
         run(batch)
         times.append((time.perf_counter() - start) * 1000.0)
     return float(statistics.median(times)), float(min(times))
+
+
+def latency_stats_interleaved(runs: dict[str, Callable[[np.ndarray], Any]], batch: np.ndarray,
+                              repeats: int = 20, warmup: int = 3
+                              ) -> dict[str, tuple[float, float]]:
+    """(median, minimum) ms of each of ``runs``, timed round-robin so that a change in the
+    shared machine's load falls on all of them alike: only ratios within one call are compared."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run(batch)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(max(1, repeats)):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(batch)
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: (float(statistics.median(t)), float(min(t))) for name, t in times.items()}

@@ -398,7 +398,12 @@ def test_cli_onnxruntime_int8_pruned_bundle_runs(tmp_path: Path, validation: lis
     bundle = bundle_mod.Bundle.open(out)
     assert bundle.manifest.engines == {"onnxruntime": "model.onnx"}
     assert bundle.manifest.input.bands == BANDS
+    # Both graph optimisations were timed and the flight engine opens with the one chosen.
+    chosen = bundle.manifest.extra["onnxruntime"]
+    assert chosen["graph_optimization"] == by_step["int8-qdq"]["extra"]["graph_optimization"]
+    assert set(chosen["measured_ms"]) == {"all", "extended"}
     engine = engines_mod.open_engine(bundle, "onnxruntime", "cpu", threads=2, precision="int8")
+    assert engine.describe()["graph_optimization"] == chosen["graph_optimization"]
     assert boa([engine.run(x) for x, _ in validation], [y for _, y in validation]) \
         == pytest.approx(by_step["int8-qdq"]["metric"])
     assert (out.parent / f"{out.name}.report.md").read_text().startswith("# Compile report")

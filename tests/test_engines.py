@@ -144,6 +144,27 @@ def test_fixed_tile_model_refuses_other_tile_sizes(tmp_path, ukis_batch):
             engine.run(ukis_batch)
 
 
+@pytest.mark.parametrize("level", ["extended", "disabled"])
+def test_onnxruntime_uses_the_graph_optimisation_the_manifest_names(tmp_path, ukis_batch,
+                                                                    ort_engine, level):
+    path = ukis_bundle.build(tmp_path / f"{level}.onboard",
+                             extra={"onnxruntime": {"graph_optimization": level}})
+    with open_engine(path, warmup=0) as engine:
+        assert engine.describe()["graph_optimization"] == level
+        # Same model, other kernels: same classes, close probabilities.
+        ours, reference = engine.run(ukis_batch[:1]), ort_engine.run(ukis_batch[:1])
+        assert (ours.argmax(1) == reference.argmax(1)).mean() > 0.999
+        assert np.abs(_softmax(ours) - _softmax(reference)).max() < 1e-2
+    assert ort_engine.describe()["graph_optimization"] == "all"
+
+
+def test_onnxruntime_refuses_an_unknown_graph_optimisation(tmp_path):
+    path = ukis_bundle.build(tmp_path / "odd.onboard",
+                             extra={"onnxruntime": {"graph_optimization": "fastest"}})
+    with pytest.raises(EngineError, match="graph optimisation 'fastest'"):
+        open_engine(path, warmup=0)
+
+
 def test_output_not_matching_the_manifest_is_an_error(tmp_path, ukis_batch):
     spec = ukis_bundle.manifest().output
     spec.channels, spec.classes = 2, {0: "clear", 1: "cloud"}
