@@ -134,18 +134,27 @@ def latency_stats(run: Callable[[np.ndarray], Any], batch: np.ndarray, repeats: 
     return float(statistics.median(times)), float(min(times))
 
 
-def latency_stats_interleaved(runs: dict[str, Callable[[np.ndarray], Any]], batch: np.ndarray,
-                              repeats: int = 20, warmup: int = 3
-                              ) -> dict[str, tuple[float, float]]:
-    """(median, minimum) ms of each of ``runs``, timed round-robin so that a change in the
-    shared machine's load falls on all of them alike: only ratios within one call are compared."""
-    for run in runs.values():
-        for _ in range(warmup):
-            run(batch)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(max(1, repeats)):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run(batch)
-            times[name].append((time.perf_counter() - start) * 1000.0)
+def latency_stats_alternating(factories: dict[str, Callable[[], Callable[[np.ndarray], Any]]],
+                              batch: np.ndarray, repeats: int = 20, warmup: int = 3,
+                              block: int = 10) -> dict[str, tuple[float, float]]:
+    """(median, minimum) ms of the runner each factory makes, timed in alternating blocks of
+    ``block`` runs so that a change in the shared machine's load falls on all of them alike:
+    only ratios within one call are compared.
+
+    Each block gets a fresh runner and only one is alive at a time: an idle ONNX Runtime
+    session's threads keep spinning and slowed another session's runs 3x on 2 cores (measured),
+    which made interleaved timings say more about the order than about the models.
+    """
+    times: dict[str, list[float]] = {name: [] for name in factories}
+    rounds = max(1, -(-max(1, repeats) // block))
+    for _ in range(rounds):
+        for name, make in factories.items():
+            run = make()
+            for _ in range(warmup):
+                run(batch)
+            for _ in range(block):
+                start = time.perf_counter()
+                run(batch)
+                times[name].append((time.perf_counter() - start) * 1000.0)
+            del run
     return {name: (float(statistics.median(t)), float(min(t))) for name, t in times.items()}

@@ -10,6 +10,7 @@ validation set with the step's real engine) and passed through the accuracy gate
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import itertools
@@ -301,8 +302,9 @@ class _Steps:
         faster here: ``all`` adds the x86 NCHWc layout, a loss for convolutions narrower than
         the 16-float vector (pruned models). ``all`` unless ``extended`` is 10 % faster."""
         threads = self.options.threads
-        timings = measure.latency_stats_interleaved(
-            {level: runners.ort_runner(path, threads, level) for level in ("all", "extended")},
+        timings = measure.latency_stats_alternating(
+            {level: functools.partial(runners.ort_runner, path, threads, level)
+             for level in ("all", "extended")},
             self.tile, repeats=self.options.latency_repeats)
         faster = timings["extended"][0] < 0.9 * timings["all"][0]
         return ("extended" if faster else "all"), timings

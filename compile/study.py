@@ -2,7 +2,7 @@
 
     python -m onboard.compile.study [--model cloud-4band] [--data DIR] [--out-dir DIR]
 
-Three compiles of the same model, then the flight runtime's engines on the three bundles:
+Five compiles of the same model, then the flight runtime's engines on the five bundles:
 
 * ``fp32-ort``: unpruned, ONNX Runtime fp32: the "before" bundle.
 * ``int8-ov``: unpruned, OpenVINO INT8 (NNCF with accuracy control when ``--max-drop`` is set).
@@ -12,9 +12,9 @@ Three compiles of the same model, then the flight runtime's engines on the three
 * ``pruned-int8-ov``: 50 % of the channels pruned, fine-tuned, OpenVINO INT8: the "after"
   bundle. Its ONNX Runtime fp32 step is the pruned model to compare with ``int8-ov``'s.
 
-The engines are timed round-robin (one run of each in turn, medians over all rounds), so that
-load from other processes on the machine falls on all of them alike. Results go to
-``compile/REPORT.md`` and ``compile/study.json``.
+The engines are timed in alternating blocks, one engine open at a time, so that load from other
+processes on the machine falls on all of them alike and no engine's idle threads slow another's.
+Results go to ``compile/REPORT.md`` and ``compile/study.json``.
 """
 
 from __future__ import annotations
@@ -50,28 +50,29 @@ def _step(report: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def engine_latency(bundles: dict[str, Path], tile: np.ndarray, rounds: int,
-                   threads: int, block: int = 10, batch: int = 1) -> dict[str, dict[str, float]]:
-    """Median and minimum ms per tile of each bundle's engine, timed round-robin in blocks of
-    ``block`` runs (so that one engine's idle threads, e.g. ONNX Runtime's spin-wait, touch only
-    the first run of the next engine's block)."""
+                   threads: int, block: int = 20, batch: int = 1) -> dict[str, dict[str, float]]:
+    """Median and minimum ms per tile of each bundle's engine, as the flight runtime opens it,
+    timed in alternating blocks of ``block`` runs. Each block opens its engine afresh and
+    closes it after, so only one engine's threads are alive at a time: an idle ONNX Runtime
+    session's spinning threads slowed another engine's runs up to 3x on 2 cores (measured), which
+    made the first version of this study say more about the order than about the engines."""
     from onboard.runtime.bundle import Bundle
     from onboard.runtime.engines import open_engine
 
-    engines = {}
-    for name, path in bundles.items():
-        bundle = Bundle.open(path)
-        backend = next(iter(bundle.manifest.engines))
-        engines[name] = open_engine(bundle, backend, "cpu", threads=threads, warmup=3,
-                                    batch_size=batch)
-    times: dict[str, list[float]] = {name: [] for name in engines}
+    opened = {name: Bundle.open(path) for name, path in bundles.items()}
+    times: dict[str, list[float]] = {name: [] for name in opened}
     for _ in range(max(1, rounds // block)):
-        for name, engine in engines.items():
-            for _ in range(block):
-                start = time.perf_counter()
-                engine.run(tile)
-                times[name].append((time.perf_counter() - start) * 1000.0 / len(tile))
-    for engine in engines.values():
-        engine.close()
+        for name, bundle in opened.items():
+            backend = next(iter(bundle.manifest.engines))
+            engine = open_engine(bundle, backend, "cpu", threads=threads, warmup=3,
+                                 batch_size=batch)
+            try:
+                for _ in range(block):
+                    start = time.perf_counter()
+                    engine.run(tile)
+                    times[name].append((time.perf_counter() - start) * 1000.0 / len(tile))
+            finally:
+                engine.close()
     return {name: {"median": float(statistics.median(t)), "min": float(min(t)), "runs": len(t)}
             for name, t in times.items()}
 
@@ -148,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ort_level(report: dict[str, Any]) -> str | None:
+    """The ONNX Runtime graph optimisation the compiler chose for the bundle, if any."""
+    steps = report["gate"]["steps"]
+    return steps[-1].get("extra", {}).get("graph_optimization") if steps else None
+
+
 def render(study: dict[str, Any]) -> str:
     reports = study["reports"]
     first = next(iter(reports.values()))
@@ -184,9 +191,10 @@ def render(study: dict[str, Any]) -> str:
     if "fp32-ort" in lat and "int8-ov" in lat:
         a, b = lat["fp32-ort"], lat["int8-ov"]
         lines.append(
-            f"- The same through the flight runtime's engines on the bundles (round-robin "
-            f"blocks, {a['runs']} runs each): median {a['median']:.2f} → {b['median']:.2f} "
-            f"ms/tile, **{a['median'] / b['median']:.2f}×**; minimum {a['min']:.2f} → "
+            f"- The same through the flight runtime's engines on the bundles (alternating "
+            f"blocks, one engine open at a time, {a['runs']} runs each): median "
+            f"{a['median']:.2f} → {b['median']:.2f} ms/tile, "
+            f"**{a['median'] / b['median']:.2f}×**; minimum {a['min']:.2f} → "
             f"{b['min']:.2f} ms/tile, {a['min'] / b['min']:.2f}×.")
     int8_ort = _step(reports.get("int8-ort", {"gate": {"steps": []}}), "int8-qdq")
     if fp32_ort and int8_ort:
@@ -196,15 +204,21 @@ def render(study: dict[str, Any]) -> str:
             f"({fp32_ort['latency_ms'] / int8_ort['latency_ms']:.2f}×, minimum "
             f"{fp32_ort['latency_min_ms'] / int8_ort['latency_min_ms']:.2f}×); {metric} drop "
             f"{int8_ort['drop']:+.4f}.")
+    levels = {name: _ort_level(report) for name, report in reports.items()}
     for batch_name, table in (("one tile", lat),
                               ("8 tiles", study.get("engine_latency_ms_per_tile_batch8") or {})):
-        if "fp32-ort" in table and "pruned-fp32-ort" in table:
-            a, b = table["fp32-ort"], table["pruned-fp32-ort"]
+        for before, after, what in (("fp32-ort", "pruned-fp32-ort", "fp32 ONNX Runtime"),
+                                    ("int8-ov", "pruned-int8-ov", "INT8 OpenVINO")):
+            if before not in table or after not in table:
+                continue
+            a, b = table[before], table[after]
+            graph = (f" (graph optimisation `{levels[before]}` → `{levels[after]}`, as "
+                     "measured fastest by the compiler)" if levels.get(before) else "")
             lines.append(
-                f"- Pruned vs unpruned, both fp32 ONNX Runtime bundles in the flight runtime, "
+                f"- Pruned vs unpruned, both {what} bundles in the flight runtime{graph}, "
                 f"{batch_name} per call: median {a['median']:.2f} → {b['median']:.2f} ms/tile "
-                f"({a['median'] / b['median']:.2f}×), minimum {a['min']:.2f} → {b['min']:.2f} "
-                f"({a['min'] / b['min']:.2f}×).")
+                f"(**{a['median'] / b['median']:.2f}×**), minimum {a['min']:.2f} → "
+                f"{b['min']:.2f} ({a['min'] / b['min']:.2f}×).")
     if "fp32-ort" in lat and "pruned-int8-ov" in lat:
         a, b = lat["fp32-ort"], lat["pruned-int8-ov"]
         lines.append(
