@@ -29,7 +29,7 @@ HELDOUT_MIN_BOA = {4: 0.93, 6: 0.94}
 def test_small_enough_to_fly(bands):
     model = build(bands)
     assert count_parameters(model) <= 100_000
-    assert macs_per_pixel(model) <= 1000
+    assert macs_per_pixel(model) <= 2000
     out = model(torch.zeros(1, bands, 64, 96))
     assert out.shape == (1, 3, 64, 96)
 

@@ -1,17 +1,19 @@
 """CloudNet: a tiny fully-convolutional clear / cloud / shadow classifier.
 
-Two paths, sized for ~800 multiply-accumulates per pixel so that it runs at tens of Mpx/s on two
+Two paths, sized for ~1500 multiply-accumulates per pixel so that it runs at tens of Mpx/s on two
 CPU cores:
 
 * a full-resolution per-pixel path (1x1 convolutions only) that keeps cloud edges sharp, and
 * a context path that starts from a 4x4 average of the input and goes down to 1/16 resolution,
   where 3x3 convolutions see far enough (hundreds of metres) to tie a shadow to its cloud.
 
-The context is brought back up with nearest-neighbour resizes inside the context path and one
-bilinear resize to full resolution, and added to the per-pixel features. Only Conv, ReLU, Add,
-Concat, Resize and AveragePool are used, so the graph exports to ONNX opset 17 and quantises to
-INT8 (QDQ) cleanly. Input: TOA reflectance (DN x 1e-4 for Sentinel-2 L1C), height and width
-multiples of 16.
+The context is brought back up with nearest-neighbour resizes, to full resolution too, and added
+to the per-pixel features, which keep the edges sharp. Nearest rather than bilinear for the last
+4x resize: it is a copy that OpenVINO runs in INT8, where a bilinear resize at full resolution
+stays in f32 and took 40 % of the INT8 model's time (measured, compile/REPORT.md). Only Conv,
+ReLU, Add, Concat, Resize and AveragePool are used, so the graph exports to ONNX opset 17 and
+quantises to INT8 (QDQ) cleanly. Input: TOA reflectance (DN x 1e-4 for Sentinel-2 L1C), height
+and width multiples of 16.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ def _conv(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -
 
 
 class CloudNet(nn.Module):
-    def __init__(self, in_bands: int = 4, width: int = 16) -> None:
+    def __init__(self, in_bands: int = 4, width: int = 24, upsample: str = "nearest") -> None:
         super().__init__()
+        if upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"upsample must be 'nearest' or 'bilinear', got {upsample!r}")
         w = width
         self.in_bands = in_bands
+        self.upsample = upsample
         # Full resolution, per pixel.
         self.pix = _conv(in_bands, w, 1)
         self.pix2 = _conv(w, w, 1)
@@ -59,13 +64,16 @@ class CloudNet(nn.Module):
         d8 = relu(self.d8(torch.cat([up, c8], 1)))
         up = F.interpolate(d8, scale_factor=2.0, mode="nearest")
         d4 = self.ctx(relu(self.d4(torch.cat([up, c4], 1))))
-        ctx = F.interpolate(d4, scale_factor=4.0, mode="bilinear", align_corners=False)
+        if self.upsample == "bilinear":
+            ctx = F.interpolate(d4, scale_factor=4.0, mode="bilinear", align_corners=False)
+        else:
+            ctx = F.interpolate(d4, scale_factor=4.0, mode="nearest")
         h = relu(self.pix2(relu(self.pix(x) + ctx)))
         return self.head(h)
 
 
-def build(in_bands: int = 4) -> CloudNet:
-    return CloudNet(in_bands=in_bands)
+def build(in_bands: int = 4, upsample: str = "nearest", width: int = 24) -> CloudNet:
+    return CloudNet(in_bands=in_bands, width=width, upsample=upsample)
 
 
 def count_parameters(model: nn.Module) -> int:

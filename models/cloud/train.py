@@ -49,7 +49,8 @@ def loss(logits: torch.Tensor, labels: torch.Tensor,
 
 def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
           root: Path | None, out: Path, log_every: int = 50, cloud_weight: float | None = None,
-          human_share: float = 0.75, tune_rows: int = 0, threads: int = 2) -> torch.nn.Module:
+          human_share: float = 0.75, tune_rows: int = 0, threads: int = 2,
+          upsample: str = "nearest", width: int = 24) -> torch.nn.Module:
     """Train and save a state_dict to ``out``; ``tune_rows`` > 0 also keeps the first
     ``tune_rows`` training rows of the UKIS scene out, as an inner validation for choosing
     settings without looking at the held-out rows."""
@@ -67,7 +68,7 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
     sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed, human_share=human_share)
     print(f"data: {len(sampler.human)} human + {len(sampler.teacher)} teacher scenes "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    model = build(bands)
+    model = build(bands, upsample=upsample, width=width)
     print(f"model: {count_parameters(model)} parameters, {bands} bands", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cloud-weight", type=float, default=None)
     parser.add_argument("--human-share", type=float, default=0.75)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (at most 2 here)")
+    parser.add_argument("--upsample", choices=("nearest", "bilinear"), default="nearest",
+                        help="the context's last 4x resize (bilinear: the first weights)")
+    parser.add_argument("--width", type=int, default=24,
+                        help="channels at full and 1/4 resolution (x1.5 at 1/8, x2 at 1/16)")
     parser.add_argument("--tune-rows", type=int, default=0,
                         help="keep this many UKIS training rows out and report on them "
                              "(for choosing settings; the held-out rows are not looked at)")
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     model = train(args.bands, args.steps, args.batch, args.tile, args.lr, args.seed,
                   args.data, out, cloud_weight=args.cloud_weight,
                   human_share=args.human_share, tune_rows=args.tune_rows,
-                  threads=args.threads)
+                  threads=args.threads, upsample=args.upsample, width=args.width)
     from onboard.models.cloud.evaluate import predict_torch
     from onboard.models.cloud.metrics import scores
 
