@@ -17,7 +17,7 @@ import numpy as np
 from onboard.models.zoo import ZooModel, register
 
 HERE = Path(__file__).resolve().parent
-VERSION = "0.2.0"
+VERSION = "0.2.1"
 TILE = 256
 # Sentinel-2 L1C digital numbers are reflectance x 10000.
 L1C_SCALE = 1e-4
