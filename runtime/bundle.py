@@ -332,12 +332,17 @@ def _manifest_from_dict(data: Any, path: str | Path | None) -> Manifest:
         files=files, schema_version=version, created=created, extra=extra)
 
 
-def _input_from_dict(data: Any, fail: Any) -> InputSpec:
+def _check_object(data: Any, name: str, fields: set[str], fail: Any) -> None:
+    """``data`` is a JSON object with no field outside ``fields``."""
     if not isinstance(data, dict):
-        raise fail("'input' must be an object")
-    unknown = set(data) - _INPUT_FIELDS
+        raise fail(f"'{name}' must be an object")
+    unknown = set(data) - fields
     if unknown:
-        raise fail(f"unknown input field(s) {sorted(unknown)}")
+        raise fail(f"unknown {name} field(s) {sorted(unknown)}")
+
+
+def _input_from_dict(data: Any, fail: Any) -> InputSpec:
+    _check_object(data, "input", _INPUT_FIELDS, fail)
     bands = data.get("bands")
     if not isinstance(bands, list) or not bands or not all(
             isinstance(b, str) and b for b in bands):
@@ -367,11 +372,7 @@ def _input_from_dict(data: Any, fail: Any) -> InputSpec:
 
 
 def _output_from_dict(data: Any, fail: Any) -> OutputSpec:
-    if not isinstance(data, dict):
-        raise fail("'output' must be an object")
-    unknown = set(data) - _OUTPUT_FIELDS
-    if unknown:
-        raise fail(f"unknown output field(s) {sorted(unknown)}")
+    _check_object(data, "output", _OUTPUT_FIELDS, fail)
     kind = data.get("kind")
     if kind not in OUTPUT_KINDS:
         raise fail(f"output.kind must be one of {OUTPUT_KINDS}, got {kind!r}")
