@@ -143,7 +143,9 @@ def latency_stats_alternating(factories: dict[str, Callable[[], Callable[[np.nda
 
     Each block gets a fresh runner and only one is alive at a time: an idle ONNX Runtime
     session's threads keep spinning and slowed another session's runs 3x on 2 cores (measured),
-    which made interleaved timings say more about the order than about the models.
+    which made interleaved timings say more about the order than about the models. A runner
+    that is the bound method of an object with ``close()`` (a flight engine's ``run``) is
+    closed after its block.
     """
     times: dict[str, list[float]] = {name: [] for name in factories}
     rounds = max(1, -(-max(1, repeats) // block))
@@ -156,5 +158,8 @@ def latency_stats_alternating(factories: dict[str, Callable[[], Callable[[np.nda
                 start = time.perf_counter()
                 run(batch)
                 times[name].append((time.perf_counter() - start) * 1000.0)
+            close = getattr(getattr(run, "__self__", None), "close", None)
+            if close is not None:
+                close()
             del run
     return {name: (float(statistics.median(t)), float(min(t))) for name, t in times.items()}

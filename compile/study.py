@@ -23,14 +23,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from onboard.compile import measure
 from onboard.compile.pipeline import (
     CompileOptions,
     compile_model,
@@ -52,29 +53,21 @@ def _step(report: dict[str, Any], name: str) -> dict[str, Any] | None:
 def engine_latency(bundles: dict[str, Path], tile: np.ndarray, rounds: int,
                    threads: int, block: int = 20, batch: int = 1) -> dict[str, dict[str, float]]:
     """Median and minimum ms per tile of each bundle's engine, as the flight runtime opens it,
-    timed in alternating blocks of ``block`` runs. Each block opens its engine afresh and
-    closes it after, so only one engine's threads are alive at a time: an idle ONNX Runtime
-    session's spinning threads slowed another engine's runs up to 3x on 2 cores (measured), which
-    made the first version of this study say more about the order than about the engines."""
+    timed in alternating blocks of ``block`` runs with one engine open at a time
+    (:func:`onboard.compile.measure.latency_stats_alternating`)."""
     from onboard.runtime.bundle import Bundle
     from onboard.runtime.engines import open_engine
 
-    opened = {name: Bundle.open(path) for name, path in bundles.items()}
-    times: dict[str, list[float]] = {name: [] for name in opened}
-    for _ in range(max(1, rounds // block)):
-        for name, bundle in opened.items():
-            backend = next(iter(bundle.manifest.engines))
-            engine = open_engine(bundle, backend, "cpu", threads=threads, warmup=3,
-                                 batch_size=batch)
-            try:
-                for _ in range(block):
-                    start = time.perf_counter()
-                    engine.run(tile)
-                    times[name].append((time.perf_counter() - start) * 1000.0 / len(tile))
-            finally:
-                engine.close()
-    return {name: {"median": float(statistics.median(t)), "min": float(min(t)), "runs": len(t)}
-            for name, t in times.items()}
+    def opener(bundle: Bundle) -> Callable[[], Callable[[np.ndarray], Any]]:
+        backend = next(iter(bundle.manifest.engines))
+        return lambda: open_engine(bundle, backend, "cpu", threads=threads, warmup=0,
+                                   batch_size=batch).run
+
+    factories = {name: opener(Bundle.open(path)) for name, path in bundles.items()}
+    stats = measure.latency_stats_alternating(factories, tile, repeats=rounds, block=block)
+    runs = max(1, -(-rounds // block)) * block
+    return {name: {"median": median / len(tile), "min": fastest / len(tile), "runs": runs}
+            for name, (median, fastest) in stats.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
