@@ -48,7 +48,18 @@ class SpoolError(OnboardError, OSError):
     """The spool folder or its journal cannot be read or written."""
 
 
-class ProductWriteError(OnboardError, OSError):
+class StorageError(OnboardError, OSError):
+    """A file the runtime writes or keeps (product, state, journal, queue) cannot be written or
+    read back: full disk, permissions, a damaged journal. Nothing partial is left."""
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"{where}{problem}")
+
+
+class ProductWriteError(StorageError):
     """A product could not be written (full disk, permissions, ...). Nothing partial is left."""
 
 

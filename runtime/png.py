@@ -48,4 +48,4 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
     try:
         path.write_bytes(data)
     except OSError as error:
-        raise ProductWriteError(f"{path}: cannot write PNG ({error})") from error
+        raise ProductWriteError(path, f"cannot write PNG ({error})") from error

@@ -94,7 +94,7 @@ def write_geotiff(
     except OSError as error:
         tmp.unlink(missing_ok=True)
         reason = error.strerror or error
-        raise ProductWriteError(f"{path}: cannot write product: {reason}") from error
+        raise ProductWriteError(path, f"cannot write product: {reason}") from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
