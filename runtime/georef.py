@@ -180,3 +180,25 @@ def _read_crs(directory: Any, path: str | Path | None) -> CRS | None:
         if code and code != 32767:  # 32767 = user-defined, which we do not interpret
             return CRS.from_epsg(int(code))
     return None
+
+
+def to_lonlat(crs: CRS | None, xs: Any, ys: Any) -> tuple[Any, Any]:
+    """Longitudes and latitudes (WGS84) of points given in ``crs``.
+
+    Geographic systems are taken as WGS84 longitude/latitude already; projected ones (UTM for
+    Sentinel-2) go through PROJ, imported only when needed.
+    """
+    if crs is None:
+        raise GeoreferenceError(None, "no CRS: cannot place the points on the Earth")
+    if crs.geographic:
+        return xs, ys
+    try:
+        from pyproj import Transformer
+        from pyproj.exceptions import CRSError
+    except ImportError as error:  # pragma: no cover - pyproj is a runtime dependency
+        raise GeoreferenceError(None, f"{crs}: reprojection needs pyproj ({error})") from error
+    try:
+        transformer = Transformer.from_crs(f"EPSG:{crs.epsg}", "EPSG:4326", always_xy=True)
+    except CRSError as error:
+        raise GeoreferenceError(None, f"{crs}: unknown to PROJ: {error}") from error
+    return transformer.transform(xs, ys)

@@ -137,3 +137,56 @@ def tile_array(pixels: np.ndarray, grid: TileGrid) -> Iterator[tuple[TilePlaceme
     """Tiles of an in-memory (bands, height, width) array."""
     for placement in grid:
         yield placement, pixels[(slice(None), *placement.window.slices)]
+
+
+@dataclass(frozen=True)
+class CoreGrid:
+    """A regular grid of ``tile`` × ``tile`` cores (the units the planner ranks), each read
+    with ``halo`` pixels of context on every side.
+
+    Every window has the same size (``tile + 2 * halo``, or the whole grid where it is
+    smaller), shifted inward at the edges, so that a batch of windows stacks without padding;
+    cores are regular and do not overlap (the last row and column may be narrower).
+    """
+
+    height: int
+    width: int
+    tile: int = 256
+    halo: int = 16
+
+    def __post_init__(self) -> None:
+        if self.tile <= 0:
+            raise ConfigError(f"tile size must be positive, got {self.tile}")
+        if not 0 <= self.halo <= self.tile:
+            raise ConfigError(f"halo must be in [0, tile], got {self.halo}")
+        if self.height <= 0 or self.width <= 0:
+            raise ConfigError(f"grid must be non-empty, got {self.height}×{self.width}")
+
+    @property
+    def rows(self) -> int:
+        return -(-self.height // self.tile)
+
+    @property
+    def cols(self) -> int:
+        return -(-self.width // self.tile)
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    def window_shape(self) -> tuple[int, int]:
+        size = self.tile + 2 * self.halo
+        return (min(size, self.height), min(size, self.width))
+
+    def __iter__(self) -> Iterator[TilePlacement]:
+        wh, ww = self.window_shape()
+        index = 0
+        for r in range(self.rows):
+            r0 = r * self.tile
+            ch = min(self.tile, self.height - r0)
+            wr = min(max(r0 - self.halo, 0), self.height - wh)
+            for c in range(self.cols):
+                c0 = c * self.tile
+                cw = min(self.tile, self.width - c0)
+                wc = min(max(c0 - self.halo, 0), self.width - ww)
+                yield TilePlacement(index, Window(wr, wc, wh, ww), Window(r0, c0, ch, cw))
+                index += 1

@@ -32,7 +32,8 @@ class Scene(Protocol):
     georef: Georef | None
     acquired: datetime | None
 
-    def read(self, window: Window) -> Frame: ...
+    def read(self, window: Window, bands: list[str] | tuple[str, ...] | None = None
+             ) -> Frame: ...
 
 
 def iter_tiles(

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from onboard.runtime.bands import resolve_band_indices
 from onboard.runtime.errors import (
     BandError,
     CorruptTiffError,
@@ -129,11 +130,16 @@ class GeoTiffScene:
     def __repr__(self) -> str:
         return f"GeoTiffScene({str(self.path)!r}, {self.count}×{self.height}×{self.width})"
 
-    def read(self, window: Window) -> Frame:
-        pixels = self.read_pixels(window)
+    def read(self, window: Window, bands: list[str] | tuple[str, ...] | None = None) -> Frame:
+        """The frame under ``window``; only ``bands`` (own or common names) when given, and a
+        planar file then decodes only those planes."""
+        indices = None if bands is None else resolve_band_indices(list(self.bands), list(bands),
+                                                                 self.source_id)
+        pixels = self.read_pixels(window, indices)
+        names = self.bands if indices is None else tuple(self.bands[i] for i in indices)
         return Frame(
             pixels=pixels,
-            bands=self.bands,
+            bands=names,
             gsd_m=self.gsd_m,
             georef=None if self.georef is None else self.georef.window(
                 window.col_off, window.row_off
@@ -143,30 +149,33 @@ class GeoTiffScene:
             valid=valid_mask(pixels, self.nodata),
         )
 
-    def read_pixels(self, window: Window) -> np.ndarray:
-        """Pixels (bands, height, width) under ``window``, which must lie inside the scene."""
+    def read_pixels(self, window: Window, indices: list[int] | None = None) -> np.ndarray:
+        """Pixels (bands, height, width) under ``window``, which must lie inside the scene;
+        only the bands at ``indices`` (in that order) when given."""
         r0, c0, h, w = window.row_off, window.col_off, window.height, window.width
         if r0 < 0 or c0 < 0 or r0 + h > self.height or c0 + w > self.width or h <= 0 or w <= 0:
             raise SceneError(
                 self.path, f"window {window} is outside the {self.height}×{self.width} scene"
             )
-        out = np.empty((self.count, h, w), dtype=self.dtype)
-        planes = range(self.count) if self._planar else range(1)
+        wanted = list(range(self.count)) if indices is None else list(indices)
+        out = np.empty((len(wanted), h, w), dtype=self.dtype)
+        # A planar file decodes only the planes asked for; a chunky one decodes every band.
+        planes = wanted if self._planar else [0]
         for ty in range(r0 // self._seg_h, (r0 + h - 1) // self._seg_h + 1):
             for tx in range(c0 // self._seg_w, (c0 + w - 1) // self._seg_w + 1):
                 sy, sx = ty * self._seg_h, tx * self._seg_w
                 # overlap of the segment and the window, in image coordinates
                 y0, y1 = max(r0, sy), min(r0 + h, sy + self._seg_h, self.height)
                 x0, x1 = max(c0, sx), min(c0 + w, sx + self._seg_w, self.width)
-                for plane in planes:
+                for slot, plane in enumerate(planes):
                     index = (plane * self._down + ty) * self._across + tx
                     seg = self._segment(index)  # (seg_h, seg_w, samples)
                     block = seg[y0 - sy : y1 - sy, x0 - sx : x1 - sx]
                     target = out[:, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0]
                     if self._planar:
-                        target[plane] = block[..., 0]
+                        target[slot] = block[..., 0]
                     else:
-                        target[:] = np.moveaxis(block, -1, 0)
+                        target[:] = np.moveaxis(block[..., wanted], -1, 0)
         return out
 
     def _segment(self, index: int) -> np.ndarray:

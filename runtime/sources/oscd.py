@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onboard.runtime.bands import SENTINEL2
+from onboard.runtime.bands import SENTINEL2, resolve_band_indices
 from onboard.runtime.errors import BandError, GeoreferenceError, SceneError
 from onboard.runtime.frame import Frame, valid_mask
 from onboard.runtime.georef import Georef
@@ -88,13 +88,18 @@ class OscdScene:
     def grid(self) -> tuple[Georef, int, int]:
         return (self.georef, self.height, self.width)
 
-    def read(self, window: Window) -> Frame:
+    def read(self, window: Window, bands: list[str] | tuple[str, ...] | None = None) -> Frame:
+        """The frame under ``window``; only ``bands`` (own or common names) when given, whose
+        files alone are then read."""
         r0, c0, h, w = window.row_off, window.col_off, window.height, window.width
         if r0 < 0 or c0 < 0 or r0 + h > self.height or c0 + w > self.width:
             raise SceneError(self.folder, f"window {window} is outside the scene")
-        out = np.zeros((len(self.bands), h, w), dtype=self.dtype)
+        names = self.bands if bands is None else tuple(
+            self.bands[i] for i in resolve_band_indices(list(self.bands), list(bands),
+                                                        self.source_id))
+        out = np.zeros((len(names), h, w), dtype=self.dtype)
         inside = np.ones((h, w), dtype=bool)
-        for i, band in enumerate(self.bands):
+        for i, band in enumerate(names):
             rows, cols = self._maps[band]
             rows, cols = rows[r0 : r0 + h], cols[c0 : c0 + w]
             row_ok, col_ok = rows >= 0, cols >= 0
@@ -111,7 +116,7 @@ class OscdScene:
         out[:, ~inside] = 0
         return Frame(
             pixels=out,
-            bands=self.bands,
+            bands=names,
             gsd_m=self.gsd_m,
             georef=self.georef.window(c0, r0),
             acquired=self.acquired,

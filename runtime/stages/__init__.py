@@ -1,5 +1,23 @@
-"""Stages: small objects with one method, ``process(tile)``, composed by the pipeline."""
+"""Stages: small objects with one method, ``process(batch)``, composed by the pipeline.
 
-from onboard.runtime.stages.cloud import CloudGate, CloudStage, CloudVerdict
+Every module of this package is imported here, so a stage registers itself by existing.
+"""
 
-__all__ = ["CloudGate", "CloudStage", "CloudVerdict"]
+import importlib
+import pkgutil
+
+from onboard.runtime.stages.base import (
+    Stage,
+    StageContext,
+    StageSpec,
+    TileWork,
+    register_stage,
+    registered_stages,
+)
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["Stage", "StageContext", "StageSpec", "TileWork", "register_stage",
+           "registered_stages"]

@@ -1,21 +1,30 @@
-"""The cloud stage: each tile's cloud and shadow masks, clear fraction, and the gate's verdict.
+"""The cloud stage: each tile's cloud and shadow mask, its clear fraction, and the gate.
 
 Cloud gating at source is the flight-proven use of onboard AI: Φ-Sat-1 dropped images over 70 %
-cloud and saved about 30 % of its downlink.
+cloud and saved about 30 % of its downlink. A tile whose model output is not finite fails; it is
+never called clear, because a confident "cloud-free" on garbage is the worst answer a flight
+filter can give.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from onboard.runtime.config import EngineConfig
+from onboard.runtime.engines import open_engine
+from onboard.runtime.engines.base import Engine
 from onboard.runtime.errors import ConfigError
-from onboard.runtime.inference import NODATA_CLASS, Predictor
-from onboard.runtime.sources.base import Tile
+from onboard.runtime.scores import Decision, TileScore
+from onboard.runtime.stages.base import StageContext, TileWork, register_stage
 
 CLEAR, CLOUD, SHADOW = 0, 1, 2
+NODATA_CLASS = 255
 ACTIONS = ("drop", "demote")
+# The cloud models downsample by 4 and then 2 inside: inputs are padded to a multiple of this.
+_SIZE_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -24,7 +33,7 @@ class CloudGate:
     or demoted (kept, at lower downlink priority)."""
 
     max_cloud_fraction: float = 0.7
-    action: str = "drop"
+    action: Literal["drop", "demote"] = "drop"
     count_shadow: bool = False
 
     def __post_init__(self) -> None:
@@ -35,46 +44,115 @@ class CloudGate:
             raise ConfigError(f"cloud gate action must be one of {ACTIONS}, got {self.action!r}")
 
 
-@dataclass
-class CloudVerdict:
-    """What the cloud stage found in one tile and what the gate decided."""
+@dataclass(frozen=True)
+class CloudConfig(EngineConfig):
+    gate: CloudGate = field(default_factory=CloudGate)
 
-    mask: np.ndarray  # (H, W) uint8: 0 clear, 1 cloud, 2 shadow, 255 no data
-    cloud_fraction: float
-    shadow_fraction: float
-    clear_fraction: float
-    decision: str  # "keep" | "drop" | "demote"
-    reason: str
+
+def class_mask(logits: np.ndarray) -> np.ndarray:
+    """(K, H, W) scores -> (H, W) uint8 class of the highest score (the first on ties, like
+    argmax), without argmax's strided pass over the class axis."""
+    best = logits[0].copy()
+    mask = np.zeros(best.shape, np.uint8)
+    for k in range(1, logits.shape[0]):
+        higher = logits[k] > best
+        mask[higher] = k
+        np.maximum(best, logits[k], out=best)
+    return mask
+
+
+@dataclass
+class CloudFractions:
+    cloud: float
+    shadow: float
+    clear: float
+    valid: float
+
+
+def fractions(mask: np.ndarray) -> CloudFractions:
+    """Class fractions over the pixels of ``mask`` that carry data."""
+    known = mask != NODATA_CLASS
+    n = int(known.sum())
+    if n == 0:
+        return CloudFractions(0.0, 0.0, 0.0, 0.0)
+    counts = np.bincount(mask[known].ravel(), minlength=3)
+    return CloudFractions(float(counts[CLOUD] / n), float(counts[SHADOW] / n),
+                          float(counts[CLEAR] / n), n / mask.size)
 
 
 class CloudStage:
-    def __init__(self, predictor: Predictor, gate: CloudGate | None = None) -> None:
-        if predictor.engine.manifest.task != "cloud":
-            raise ConfigError(f"the cloud stage needs a cloud bundle, got task "
-                              f"{predictor.engine.manifest.task!r} "
-                              f"({predictor.engine.bundle.path.name})")
-        self.predictor = predictor
+    name: ClassVar[str] = "cloud"
+
+    def __init__(self, engine: Engine, gate: CloudGate | None = None) -> None:
+        task = engine.manifest.task
+        if task != "cloud":
+            raise ConfigError(f"{engine.bundle.path}: the cloud stage needs a cloud bundle, got "
+                              f"task {task!r}")
+        self.engine = engine
         self.gate = gate or CloudGate()
+        self.spec = engine.input_spec
+        self.bands = tuple(self.spec.bands)
 
-    def process(self, tile: Tile) -> CloudVerdict:
-        output = self.predictor.run([self.predictor.prepare(tile.frame)])[0]
-        mask = self.predictor.to_product(output, tile.frame)[0]
-        core = mask[tile.placement.core.relative_to(tile.placement.window).slices]
-        return self.verdict(core, mask)
+    def describe(self) -> dict[str, Any]:
+        return {"stage": self.name, **self.engine.describe()}
 
-    def verdict(self, core: np.ndarray, mask: np.ndarray) -> CloudVerdict:
-        """Fractions over the pixels the tile owns that carry data."""
-        known = core != NODATA_CLASS
-        n = max(int(known.sum()), 1)
-        cloud = float((core == CLOUD).sum() / n)
-        shadow = float((core == SHADOW).sum() / n)
-        clear = float((core == CLEAR).sum() / n)
-        covered = cloud + shadow if self.gate.count_shadow else cloud
+    def close(self) -> None:
+        self.engine.close()
+
+    def _input(self, work: TileWork) -> np.ndarray:
+        frame = work.frame.select(list(self.bands))
+        x = self.spec.normalise(frame.pixels)
+        if frame.valid is not None and not frame.valid.all():
+            x[:, ~frame.valid] = 0.0  # NaNs would poison whole convolution windows
+        h, w = x.shape[1:]
+        ph, pw = -h % _SIZE_MULTIPLE, -w % _SIZE_MULTIPLE
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "edge"
+            x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode=mode)
+        return x
+
+    def process(self, batch: list[TileWork]) -> list[TileScore]:
+        logits = self.engine.run(np.stack([self._input(work) for work in batch]))
+        finite = np.isfinite(logits.reshape(len(batch), -1)).all(axis=1)
+        for work, out, ok in zip(batch, logits, finite, strict=True):
+            if not ok:
+                work.score.fail("cloud: the model output is not finite")
+                continue
+            mask = class_mask(work.core_of(out[:, : work.frame.shape[0], : work.frame.shape[1]]))
+            if work.frame.valid is not None:
+                mask[~work.core_of(work.frame.valid)] = NODATA_CLASS
+            work.layers["cloud"] = mask
+            self.judge(work.score, fractions(mask))
+        return [work.score for work in batch]
+
+    def judge(self, score: TileScore, found: CloudFractions) -> None:
+        score.values.update(cloud_fraction=found.cloud, shadow_fraction=found.shadow,
+                            clear_fraction=found.clear, valid_fraction=found.valid)
+        if found.valid == 0.0:
+            score.lower(Decision.DROP, "cloud: no valid pixels")
+            return
+        covered = found.cloud + found.shadow if self.gate.count_shadow else found.cloud
         what = "cloud and shadow" if self.gate.count_shadow else "cloud"
-        if not known.any():
-            return CloudVerdict(mask, 0.0, 0.0, 0.0, self.gate.action, "no valid pixels")
-        if covered > self.gate.max_cloud_fraction:
-            reason = (f"{covered:.0%} {what} > {self.gate.max_cloud_fraction:.0%} limit")
-            return CloudVerdict(mask, cloud, shadow, clear, self.gate.action, reason)
-        reason = f"{covered:.0%} {what} <= {self.gate.max_cloud_fraction:.0%} limit"
-        return CloudVerdict(mask, cloud, shadow, clear, "keep", reason)
+        limit = self.gate.max_cloud_fraction
+        if covered > limit:
+            decision = Decision.DROP if self.gate.action == "drop" else Decision.DEMOTE
+            score.lower(decision, f"cloud: {covered:.0%} {what} > {limit:.0%} limit")
+        else:
+            score.reasons.append(f"cloud: {covered:.0%} {what} <= {limit:.0%} limit")
+
+
+def build_cloud_stage(config: CloudConfig, context: StageContext) -> CloudStage:
+    engine = open_engine(config.bundle, config.backend, config.device, threads=config.threads,
+                         batch_size=config.batch, fallback=config.golden,
+                         telemetry=context.telemetry)
+    expected = float(getattr(engine.input_spec, "radiometric_offset", 0.0))
+    if expected != context.radiometric_offset:
+        engine.close()
+        raise ConfigError(
+            f"{engine.bundle.path}: the bundle expects input with a radiometric offset of "
+            f"{expected:g} DN but the source states {context.radiometric_offset:g} DN; "
+            f"refusing to guess")
+    return CloudStage(engine, config.gate)
+
+
+register_stage("cloud", CloudConfig, build_cloud_stage, order=10)
