@@ -8,41 +8,27 @@ engine parses it: a model that loads with a damaged weight runs and silently giv
 which on orbit is worse than not running.
 
 Only the standard library is used, so a board can verify a bundle before any ML runtime loads.
+The manifest's schema is in :mod:`onboard.runtime.bundle.manifest`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import shutil
-import tempfile
 import zipfile
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO
 
-import numpy as np
-
+from onboard.runtime.bundle.manifest import MANIFEST, Manifest
+from onboard.runtime.durability import atomic_path
 from onboard.runtime.errors import (
     BundleChecksumError,
     BundleFormatError,
     BundleNotFoundError,
-    BundleSchemaError,
-    EngineInputError,
 )
 
-SCHEMA_VERSION = 1
-TASKS = ("cloud", "change", "superres", "segmentation")
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
-OUTPUT_KINDS = ("classes", "values")
-INPUT_DTYPES = ("float32", "float16")
-LAYOUTS = ("NCHW",)
-
-MANIFEST = "manifest.json"
 SUFFIX = ".onboard"
 # The archive comment: this prefix and 64 hex digits, the SHA-256 of all bytes before the
 # comment's two-byte length field. Fixed length, so a damaged length field is noticed too.
@@ -52,79 +38,6 @@ _EOCD = b"PK\x05\x06"
 _CHUNK = 1 << 20
 # Zip timestamps are fixed so the same members always give the same bytes (and bundle hash).
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
-
-
-@dataclass
-class InputSpec:
-    """What the model takes: bands by STAC common name, and DN -> model input per band."""
-
-    bands: list[str]
-    scale: list[float]
-    offset: list[float]
-    tile_size: int  # the tile edge the model was trained at, in pixels
-    gsd_m: float  # the ground sampling distance it was trained at
-    dtype: str = "float32"  # the model input's dtype
-    layout: str = "NCHW"
-
-    def normalise(self, pixels: np.ndarray) -> np.ndarray:
-        """Raw DN ``(C,H,W)`` or ``(N,C,H,W)`` -> float32 model input, ``DN * scale + offset``."""
-        array = np.asarray(pixels)
-        if array.ndim not in (3, 4):
-            raise EngineInputError(
-                f"pixels must be (C,H,W) or (N,C,H,W), got shape {array.shape}")
-        if array.shape[-3] != len(self.bands):
-            raise EngineInputError(
-                f"pixels have {array.shape[-3]} bands on axis -3, the model takes "
-                f"{len(self.bands)} ({', '.join(self.bands)})")
-        scale = np.asarray(self.scale, np.float32).reshape(-1, 1, 1)
-        offset = np.asarray(self.offset, np.float32).reshape(-1, 1, 1)
-        return (array.astype(np.float32, copy=False) * scale + offset).astype(np.float32,
-                                                                             copy=False)
-
-
-@dataclass
-class OutputSpec:
-    """What the model gives: class scores (the caller argmaxes) or physical values."""
-
-    kind: str  # "classes" | "values"
-    channels: int
-    classes: dict[int, str] = field(default_factory=dict)
-    scale_factor: int = 1  # output grid / input grid, e.g. 2 for x2 super-resolution
-    description: str = ""
-
-
-@dataclass
-class Manifest:
-    """Everything the runtime and the operators need to know about a bundle."""
-
-    name: str
-    version: str
-    task: str
-    input: InputSpec
-    output: OutputSpec
-    precision: str  # "fp32" | "fp16" | "int8"
-    engines: dict[str, str]  # backend -> member; openvino: the .xml, its .bin beside it
-    metrics: dict[str, float] = field(default_factory=dict)
-    toolchain: dict[str, str] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)  # member -> sha256, by write_bundle
-    schema_version: int = SCHEMA_VERSION
-    created: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["output"]["classes"] = {str(k): v for k, v in self.output.classes.items()}
-        ordered = {"schema_version": data.pop("schema_version"), **data}
-        return json.dumps(ordered, indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str | bytes, path: str | Path | None = None) -> Manifest:
-        """Parse and validate a manifest; raises :class:`BundleSchemaError` naming the problem."""
-        try:
-            data = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise BundleSchemaError(path, f"{MANIFEST} is not valid JSON: {error}") from error
-        return _manifest_from_dict(data, path)
 
 
 def write_bundle(path: str | Path, manifest: Manifest,
@@ -144,28 +57,17 @@ def write_bundle(path: str | Path, manifest: Manifest,
     if not manifest.created:
         manifest.created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     text = manifest.to_json()
-    _check_engines(Manifest.from_json(text, path), set(members), path)
+    written = Manifest.from_json(text, path)
+    _check_engines(written, set(members), path)
+    manifest.schema_version = written.schema_version
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w+b") as handle:
-            with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
-                archive.writestr(zipfile.ZipInfo(MANIFEST, _ZIP_TIME), text.encode())
-                for name in sorted(members):
-                    _write_member(archive, name, members[name])
-            _append_trailer(handle, path)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp makes the file private (0600); a bundle is for others to read, as any file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # A failed or killed write leaves any previous bundle at ``path`` as it was.
+    with atomic_path(path) as tmp, open(tmp, "w+b") as handle:
+        with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr(zipfile.ZipInfo(MANIFEST, _ZIP_TIME), text.encode())
+            for name in sorted(members):
+                _write_member(archive, name, members[name])
+        _append_trailer(handle, path)
     return path
 
 
@@ -267,154 +169,7 @@ class Bundle:
         return f"Bundle({str(self.path)!r}, {m.name} {m.version}, {m.task}, {m.precision})"
 
 
-# -- manifest validation ---------------------------------------------------------------------
-
-_TOP_FIELDS = {"schema_version", "name", "version", "task", "input", "output", "precision",
-               "engines", "metrics", "toolchain", "files", "created", "extra"}
-_INPUT_FIELDS = {"bands", "scale", "offset", "tile_size", "gsd_m", "dtype", "layout"}
-_OUTPUT_FIELDS = {"kind", "channels", "classes", "scale_factor", "description"}
-
-
-def _manifest_from_dict(data: Any, path: str | Path | None) -> Manifest:
-    def fail(problem: str) -> BundleSchemaError:
-        return BundleSchemaError(path, f"{MANIFEST}: {problem}")
-
-    if not isinstance(data, dict):
-        raise fail("must be a JSON object")
-    version = data.get("schema_version")
-    # Checked first: a newer manifest may have fields this runtime cannot know.
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise fail(f"schema_version must be a positive integer, got {version!r}")
-    if version > SCHEMA_VERSION:
-        raise fail(f"schema version {version} is newer than this runtime understands "
-                   f"({SCHEMA_VERSION}); update onboard on board before uplinking this bundle")
-    unknown = set(data) - _TOP_FIELDS
-    if unknown:
-        raise fail(f"unknown field(s) {sorted(unknown)} for schema version {version}")
-    for key in ("name", "version", "task", "precision"):
-        if not isinstance(data.get(key), str) or not data[key]:
-            raise fail(f"{key!r} must be a non-empty string")
-    if data["task"] not in TASKS:
-        raise fail(f"unknown task {data['task']!r}; this runtime runs {', '.join(TASKS)}")
-    if data["precision"] not in PRECISIONS:
-        raise fail(f"precision must be one of {PRECISIONS}, got {data['precision']!r}")
-
-    engines = _str_dict(data.get("engines"), "engines", fail)
-    if not engines:
-        raise fail("'engines' names no engine file")
-    for backend in engines:
-        if backend not in BACKENDS:
-            raise fail(f"unknown backend {backend!r} in 'engines'; known: {', '.join(BACKENDS)}")
-    if "openvino" in engines and not engines["openvino"].endswith(".xml"):
-        raise fail(f"the openvino engine must be an IR .xml file, got {engines['openvino']!r}")
-    files = _str_dict(data.get("files", {}), "files", fail)
-    for member, digest in files.items():
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise fail(f"files[{member!r}] is not a lowercase hex SHA-256")
-    toolchain = _str_dict(data.get("toolchain", {}), "toolchain", fail)
-    metrics = data.get("metrics", {})
-    if not isinstance(metrics, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
-        raise fail("'metrics' must map names to numbers")
-    extra = data.get("extra", {})
-    if not isinstance(extra, dict):
-        raise fail("'extra' must be an object")
-    created = data.get("created", "")
-    if not isinstance(created, str):
-        raise fail("'created' must be a string")
-
-    return Manifest(
-        name=data["name"], version=data["version"], task=data["task"],
-        input=_input_from_dict(data.get("input"), fail),
-        output=_output_from_dict(data.get("output"), fail),
-        precision=data["precision"], engines=engines,
-        metrics={str(k): float(v) for k, v in metrics.items()}, toolchain=toolchain,
-        files=files, schema_version=version, created=created, extra=extra)
-
-
-def _check_object(data: Any, name: str, fields: set[str], fail: Any) -> None:
-    """``data`` is a JSON object with no field outside ``fields``."""
-    if not isinstance(data, dict):
-        raise fail(f"'{name}' must be an object")
-    unknown = set(data) - fields
-    if unknown:
-        raise fail(f"unknown {name} field(s) {sorted(unknown)}")
-
-
-def _input_from_dict(data: Any, fail: Any) -> InputSpec:
-    _check_object(data, "input", _INPUT_FIELDS, fail)
-    bands = data.get("bands")
-    if not isinstance(bands, list) or not bands or not all(
-            isinstance(b, str) and b for b in bands):
-        raise fail("input.bands must be a non-empty list of band names")
-    for key in ("scale", "offset"):
-        values = data.get(key)
-        if not isinstance(values, list) or len(values) != len(bands) or not all(
-                _finite_number(v) for v in values):
-            raise fail(f"input.{key} must be {len(bands)} finite numbers, one per band")
-    if any(v == 0 for v in data["scale"]):
-        raise fail("input.scale must not be 0 (the band would be ignored)")
-    tile = data.get("tile_size")
-    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
-        raise fail(f"input.tile_size must be a positive integer, got {tile!r}")
-    gsd = data.get("gsd_m")
-    if not _finite_number(gsd) or gsd <= 0:
-        raise fail(f"input.gsd_m must be a positive number, got {gsd!r}")
-    dtype = data.get("dtype", "float32")
-    if dtype not in INPUT_DTYPES:
-        raise fail(f"input.dtype must be one of {INPUT_DTYPES}, got {dtype!r}")
-    layout = data.get("layout", "NCHW")
-    if layout not in LAYOUTS:
-        raise fail(f"input.layout must be one of {LAYOUTS}, got {layout!r}")
-    return InputSpec(bands=list(bands), scale=[float(v) for v in data["scale"]],
-                     offset=[float(v) for v in data["offset"]], tile_size=tile,
-                     gsd_m=float(gsd), dtype=dtype, layout=layout)
-
-
-def _output_from_dict(data: Any, fail: Any) -> OutputSpec:
-    _check_object(data, "output", _OUTPUT_FIELDS, fail)
-    kind = data.get("kind")
-    if kind not in OUTPUT_KINDS:
-        raise fail(f"output.kind must be one of {OUTPUT_KINDS}, got {kind!r}")
-    channels = data.get("channels")
-    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-        raise fail(f"output.channels must be a positive integer, got {channels!r}")
-    raw = data.get("classes", {})
-    if not isinstance(raw, dict):
-        raise fail("output.classes must map class values to names")
-    classes: dict[int, str] = {}
-    for key, value in raw.items():
-        try:
-            index = int(key)
-        except (TypeError, ValueError):
-            raise fail(f"output.classes key {key!r} is not an integer") from None
-        # A single-channel output is a sigmoid score for two classes.
-        if not 0 <= index < max(channels, 2) or not isinstance(value, str):
-            raise fail(f"output.classes[{key!r}] is out of range for {channels} channel(s)")
-        classes[index] = value
-    if kind == "classes" and not classes:
-        raise fail("output.classes must name the classes when output.kind is 'classes'")
-    factor = data.get("scale_factor", 1)
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-        raise fail(f"output.scale_factor must be a positive integer, got {factor!r}")
-    description = data.get("description", "")
-    if not isinstance(description, str):
-        raise fail("output.description must be a string")
-    return OutputSpec(kind=kind, channels=channels, classes=classes, scale_factor=factor,
-                      description=description)
-
-
-def _str_dict(value: Any, key: str, fail: Any) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise fail(f"{key!r} must map strings to strings")
-    return dict(value)
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-
+# -- checks ------------------------------------------------------------------------------------
 
 def _check_engines(manifest: Manifest, members: set[str], path: Path) -> None:
     for backend, member in manifest.engines.items():
