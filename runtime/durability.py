@@ -12,8 +12,10 @@ This is the only module of the runtime that renames files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,8 +47,23 @@ def fsync_dir(folder: str | Path) -> None:
 
 def partial_name(path: Path) -> Path:
     """Where ``path`` is written before it is renamed into place: hidden, in the same folder
-    (a rename across filesystems is not atomic), unique to this process."""
-    return path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    (a rename across filesystems is not atomic), unique to this call (two threads may write the
+    same file), with the writer's process id so that :func:`remove_partials` spares live ones."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def _writer_alive(partial: Path) -> bool:
+    """Whether the process that named ``partial`` still runs (so it may still be writing)."""
+    parts = partial.name[: -len(PARTIAL_SUFFIX)].split(".")
+    if len(parts) < 3 or not parts[-2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[-2]), 0)
+    except (ProcessLookupError, OverflowError):
+        return False  # gone, or a number no process can have
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 @contextlib.contextmanager
@@ -109,7 +126,7 @@ def move(source: str | Path, target: str | Path) -> Path:
         try:
             os.replace(source, target)
         except OSError as error:
-            if error.errno != 18:  # EXDEV: another filesystem
+            if error.errno != errno.EXDEV:  # another filesystem: rename cannot cross it
                 raise
             with atomic_path(target) as tmp:
                 shutil.copyfile(source, tmp)
@@ -124,13 +141,15 @@ def move(source: str | Path, target: str | Path) -> Path:
 def remove_partials(folder: str | Path) -> list[Path]:
     """Delete the temporary files that a killed writer left in ``folder`` (not recursive).
 
-    Only files of this module's naming are touched; returns what was removed."""
+    Only files of this module's naming are touched, and not those of a writer still running
+    (a pid reused since is only garbage kept until the next call); returns what was removed."""
     folder = Path(folder)
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
-        if entry.name.startswith(".") and entry.name.endswith(PARTIAL_SUFFIX) and entry.is_file():
+        if entry.name.startswith(".") and entry.name.endswith(PARTIAL_SUFFIX) \
+                and entry.is_file() and not _writer_alive(entry):
             with contextlib.suppress(OSError):
                 entry.unlink()
                 removed.append(entry)
@@ -160,10 +179,12 @@ class Journal:
             raw = self.path.read_bytes()
         except OSError as error:
             raise StorageError(self.path, f"cannot read journal: {_reason(error)}") from error
-        records, good_end = [], 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # torn by a crash mid-append
+        records: list[dict[str, Any]] = []
+        good_end = 0
+        # Split on newlines only: a stray carriage return inside a damaged line must not make
+        # it look like a torn end and cut off the good records after it.
+        for body in raw.split(b"\n")[:-1]:
+            line = body + b"\n"
             try:
                 record = json.loads(line)
             except ValueError:
@@ -181,16 +202,36 @@ class Journal:
                 raise StorageError(self.path, f"cannot repair journal: {_reason(error)}") from error
         return records
 
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
+        """Add ``record`` durably; on failure the journal is left as it was."""
+        line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
         new = not self.path.exists()
         try:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as error:
-            raise StorageError(self.path, f"cannot append to journal: {_reason(error)}") from error
+            raise StorageError(self.path, f"cannot open journal: {_reason(error)}") from error
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+                os.fsync(fd)
+            except OSError as error:
+                # A half-written line would be glued to the next record and then read as
+                # damage in the middle; cut it off while we still know where it started.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise StorageError(self.path,
+                                   f"cannot append to journal: {_reason(error)}") from error
+        finally:
+            os.close(fd)
         if new:
             fsync_dir(self.path.parent)
         self.records.append(record)
