@@ -73,14 +73,19 @@ class OnnxRuntimeEngine(Engine):
             raise EngineUnavailableError(
                 f"{self._where}: {', '.join(wanted_gpu)} failed to initialise; the session "
                 f"runs on {self.providers}")
-        inputs = self._session.get_inputs()
-        if len(inputs) != 1:
-            raise EngineError(f"{self._where}: the model has {len(inputs)} inputs, expected 1")
-        self._input_name = inputs[0].name
-        self._input_half = inputs[0].type == "tensor(float16)"
-        self._output_name = self._session.get_outputs()[0].name
-        self.model_input_shape = tuple(d if isinstance(d, int) and d > 0 else None
-                                       for d in inputs[0].shape)
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        bound_in = self._bind("input", [spec.name for spec in self.manifest.inputs],
+                              [[i.name] for i in inputs], every=True)
+        bound_out = self._bind("output", [spec.name for spec in self.manifest.outputs],
+                               [[o.name] for o in outputs], every=False)
+        # Manifest name -> graph name; the session takes and gives graph names.
+        self._inputs = {name: inputs[i].name for name, i in bound_in.items()}
+        self._outputs = {name: outputs[i].name for name, i in bound_out.items()}
+        self._half_inputs = {name for name, i in bound_in.items()
+                             if inputs[i].type == "tensor(float16)"}
+        self.model_input_shapes = {
+            name: tuple(d if isinstance(d, int) and d > 0 else None for d in inputs[i].shape)
+            for name, i in bound_in.items()}
 
     def _providers(self, available: list[str]) -> list[tuple[str, dict[str, Any]]]:
         providers = self._gpu_providers(available)
@@ -126,9 +131,11 @@ class OnnxRuntimeEngine(Engine):
                 f"TensorRT execution provider); this onnxruntime has {available}")
         return providers
 
-    def _run(self, chunk: np.ndarray) -> np.ndarray:
-        feed = chunk.astype(np.float16) if self._input_half else chunk
-        return self._session.run([self._output_name], {self._input_name: feed})[0]
+    def _run_named(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        graph_feeds = {self._inputs[name]: x.astype(np.float16) if name in self._half_inputs
+                       else x for name, x in feeds.items()}
+        results = self._session.run(list(self._outputs.values()), graph_feeds)
+        return dict(zip(self._outputs, results, strict=True))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "providers": self.providers,

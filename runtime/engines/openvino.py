@@ -54,15 +54,19 @@ class OpenVinoEngine(Engine):
         core = ov.Core()
         device = self._device_name(core)
         model = self._read_model(ov, core)
-        if len(model.inputs) != 1:
-            raise EngineError(f"{self._where}: the model has {len(model.inputs)} inputs, "
-                              "expected 1")
-        partial = model.inputs[0].get_partial_shape()
-        if device.split(".")[0] in _STATIC_ONLY and partial.is_dynamic:
-            tile = self.input_spec.tile_size
-            model.reshape({model.inputs[0]: [self.batch_size, len(self.input_spec.bands),
-                                             tile, tile]})
-            partial = model.inputs[0].get_partial_shape()
+        bound_in = self._bind("input", [spec.name for spec in self.manifest.inputs],
+                              [port.get_names() for port in model.inputs], every=True)
+        bound_out = self._bind("output", [spec.name for spec in self.manifest.outputs],
+                               [port.get_names() for port in model.outputs], every=False)
+        specs = {spec.name: spec for spec in self.manifest.inputs}
+        if device.split(".")[0] in _STATIC_ONLY and any(
+                model.inputs[i].get_partial_shape().is_dynamic for i in bound_in.values()):
+            model.reshape({model.inputs[i]: [self.batch_size, len(specs[name].bands),
+                                             specs[name].tile_size, specs[name].tile_size]
+                           for name, i in bound_in.items()})
+        partial = {name: model.inputs[i].get_partial_shape() for name, i in bound_in.items()}
+        # Indices into the compiled model's ports, which keep the model's order.
+        self._inputs, self._outputs = bound_in, bound_out
 
         if self.precision not in _HINTS:
             raise EngineError(f"{self._where}: unknown precision {self.precision!r}")
@@ -87,8 +91,9 @@ class OpenVinoEngine(Engine):
                               f"{self.inference_precision}")
         self.ov_device = device
         self._request = self._compiled.create_infer_request()
-        self.model_input_shape = tuple(
-            d.get_length() if d.is_static else None for d in partial)
+        self.model_input_shapes = {
+            name: tuple(d.get_length() if d.is_static else None for d in shape)
+            for name, shape in partial.items()}
 
     def _device_name(self, core: Any) -> str:
         wanted = _DEVICES.get(self.device.lower(), self.device)
@@ -136,10 +141,11 @@ class OpenVinoEngine(Engine):
             return None
         return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
 
-    def _run(self, chunk: np.ndarray) -> np.ndarray:
-        self._request.infer({0: chunk})
-        # The request reuses its output buffer on the next call.
-        return self._request.get_output_tensor(0).data.copy()
+    def _run_named(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._request.infer({self._inputs[name]: x for name, x in feeds.items()})
+        # The request reuses its output buffers on the next call.
+        return {name: self._request.get_output_tensor(i).data.copy()
+                for name, i in self._outputs.items()}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "ov_device": self.ov_device,

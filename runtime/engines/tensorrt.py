@@ -20,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from onboard.runtime.durability import write_bytes, write_text
 from onboard.runtime.engines.base import Engine
 from onboard.runtime.errors import EngineError, EngineUnavailableError, EngineVersionError
 
@@ -126,9 +126,10 @@ class TensorRtEngine(Engine):
             if self.telemetry is not None:
                 self.telemetry.emit("engine_cache_damaged", path=str(plan_path))
         plan = self._build(trt, self.bundle.read(engines["onnxruntime"]))
-        cache.mkdir(parents=True, exist_ok=True)
-        _write_atomic(plan_path, plan)
-        _write_atomic(digest_path, hashlib.sha256(plan).hexdigest().encode() + b"\n")
+        # Plan first, digest second: a crash between them leaves a plan without its digest,
+        # which the next load does not trust and builds again.
+        write_bytes(plan_path, plan)
+        write_text(digest_path, hashlib.sha256(plan).hexdigest() + "\n")
         if self.telemetry is not None:
             self.telemetry.emit("engine_built", path=str(plan_path), bytes=len(plan),
                                 tensorrt=trt.__version__)
@@ -156,16 +157,23 @@ class TensorRtEngine(Engine):
                     f"model; ship an {self.precision} ONNX model instead of asking for it")
             # int8: the bundle's QDQ nodes carry the scales; the flag lets TensorRT use them.
             config.set_flag(flag)
-        tensor = network.get_input(0)
-        shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape):
-            tile = self.input_spec.tile_size
-            fixed = [d if d >= 0 else s for d, s in zip(shape, (0, len(self.input_spec.bands),
-                                                               tile, tile), strict=True)]
+        specs = {spec.name: spec for spec in self.manifest.inputs}
+        tensors = [network.get_input(i) for i in range(network.num_inputs)]
+        bound = self._bind("input", list(specs), [[t.name] for t in tensors], every=True)
+        profile = None
+        for name, i in bound.items():
+            tensor, spec = tensors[i], specs[name]
+            shape = tuple(tensor.shape)
+            if all(d >= 0 for d in shape):
+                continue
+            # Dynamic tile sizes are fixed to the manifest's; the batch may be 1..batch_size.
+            fixed = [d if d >= 0 else s for d, s in zip(
+                shape, (0, len(spec.bands), spec.tile_size, spec.tile_size), strict=True)]
             low = (1 if shape[0] < 0 else shape[0], *fixed[1:])
             high = (self.batch_size if shape[0] < 0 else shape[0], *fixed[1:])
-            profile = builder.create_optimization_profile()
+            profile = profile or builder.create_optimization_profile()
             profile.set_shape(tensor.name, low, high, high)
+        if profile is not None:
             config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
@@ -179,18 +187,25 @@ class TensorRtEngine(Engine):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or not outputs:
-            raise EngineError(f"{self._where}: the engine has {len(inputs)} inputs and "
-                              f"{len(outputs)} outputs, expected 1 and at least 1")
-        self._input, self._output = inputs[0], outputs[0]
+        bound_in = self._bind("input", [spec.name for spec in self.manifest.inputs],
+                              [[n] for n in inputs], every=True)
+        bound_out = self._bind("output", [spec.name for spec in self.manifest.outputs],
+                               [[n] for n in outputs], every=False)
+        # Manifest name -> engine tensor name.
+        self._inputs = {name: inputs[i] for name, i in bound_in.items()}
+        self._outputs = {name: outputs[i] for name, i in bound_out.items()}
+        # Every output gets an address, fetched or not: TensorRT writes them all.
+        self._all_outputs = outputs
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
-                        for n in (self._input, self._output)}
-        shape = tuple(engine.get_tensor_shape(self._input))
-        if any(d < 0 for d in shape):
-            low, _, high = engine.get_tensor_profile_shape(self._input, 0)
-            shape = tuple(lo if lo == hi else -1 for lo, hi in zip(low, high, strict=True))
-            self.batch_size = min(self.batch_size, int(high[0]))
-        self.model_input_shape = tuple(d if d >= 0 else None for d in shape)
+                        for n in [*inputs, *outputs]}
+        self.model_input_shapes = {}
+        for name, tensor in self._inputs.items():
+            shape = tuple(engine.get_tensor_shape(tensor))
+            if any(d < 0 for d in shape):
+                low, _, high = engine.get_tensor_profile_shape(tensor, 0)
+                shape = tuple(lo if lo == hi else -1 for lo, hi in zip(low, high, strict=True))
+                self.batch_size = min(self.batch_size, int(high[0]))
+            self.model_input_shapes[name] = tuple(d if d >= 0 else None for d in shape)
 
     def _device_buffer(self, name: str, nbytes: int) -> Any:
         held = self._buffers.get(name)
@@ -211,25 +226,35 @@ class TensorRtEngine(Engine):
             self._host[name] = held
         return held[:size].reshape(shape)
 
-    def _run(self, chunk: np.ndarray) -> np.ndarray:
+    def _run_named(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cuda = self._cuda
         self._cuda_context.push()
         try:
-            if not self._context.set_input_shape(self._input, chunk.shape):
-                raise EngineError(f"{self._where}: TensorRT refuses input shape {chunk.shape}")
-            out_shape = tuple(self._context.get_tensor_shape(self._output))
-            host_in = self._host_buffer(self._input, chunk.shape)
-            host_in[...] = chunk
-            host_out = self._host_buffer(self._output, out_shape)
-            d_in = self._device_buffer(self._input, host_in.nbytes)
-            d_out = self._device_buffer(self._output, host_out.nbytes)
-            cuda.memcpy_htod_async(d_in, host_in, self._stream)
+            for name, x in feeds.items():
+                tensor = self._inputs[name]
+                if not self._context.set_input_shape(tensor, x.shape):
+                    raise EngineError(f"{self._where}: TensorRT refuses shape {x.shape} for "
+                                      f"input {name!r}")
+            host: dict[str, np.ndarray] = {}
+            for name, x in feeds.items():
+                tensor = self._inputs[name]
+                host[tensor] = self._host_buffer(tensor, x.shape)
+                host[tensor][...] = x
+                device = self._device_buffer(tensor, host[tensor].nbytes)
+                cuda.memcpy_htod_async(device, host[tensor], self._stream)
+            for tensor in self._all_outputs:
+                # Output shapes are known once every input shape is set.
+                host[tensor] = self._host_buffer(
+                    tensor, tuple(self._context.get_tensor_shape(tensor)))
+                self._device_buffer(tensor, max(host[tensor].nbytes, 1))
             if not self._context.execute_async_v3(stream_handle=self._stream.handle):
                 raise EngineError(f"{self._where}: TensorRT execution failed: "
                                   f"{self._logger.last_errors()}")
-            cuda.memcpy_dtoh_async(host_out, d_out, self._stream)
+            for tensor in self._outputs.values():
+                cuda.memcpy_dtoh_async(host[tensor], self._buffers[tensor][0], self._stream)
             self._stream.synchronize()
-            return host_out.astype(np.float32)  # copies: the host buffer is reused
+            # Copies: the host buffers are reused by the next call.
+            return {name: host[tensor].copy() for name, tensor in self._outputs.items()}
         finally:
             self._cuda_context.pop()
 
@@ -268,15 +293,3 @@ def _capturing_logger(trt: Any) -> Any:
 
     return CapturingLogger()
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
