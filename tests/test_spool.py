@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from onboard.runtime.errors import OnboardError, SpoolError
+from onboard.runtime.errors import OnboardError, SpoolError, StorageError
 from onboard.runtime.sources.geotiff import GeoTiffScene
 from onboard.runtime.sources.spool import Spool, SpoolItem
 from onboard.runtime.telemetry import Telemetry
@@ -81,7 +81,7 @@ def test_bad_file_is_quarantined_reported_and_the_rest_go_on(tmp_path, scene_fil
     assert rejected[0]["error_type"] == "CorruptTiffError"
     journal = [json.loads(line) for line in spool.journal_path.read_text().splitlines()]
     assert [(j["file"], j["state"]) for j in journal] == [
-        ("1.tif", "done"), ("2.tif", "rejected"), ("3.tif", "done")]
+        ("1.tif", "done"), ("2.tif", "rejecting"), ("2.tif", "rejected"), ("3.tif", "done")]
 
 
 CRASHING_CONSUMER = textwrap.dedent("""
@@ -128,7 +128,10 @@ def test_corrupt_journal_is_a_clear_error(tmp_path):
     spool_dir = tmp_path / "spool"
     (spool_dir / ".onboard").mkdir(parents=True)
     (spool_dir / ".onboard" / "journal.jsonl").write_text("not json\n")
-    with pytest.raises(SpoolError, match="journal.jsonl.*corrupt journal line"):
+    with pytest.raises(StorageError, match="journal.jsonl.*corrupt journal line"):
+        Spool(spool_dir)
+    (spool_dir / ".onboard" / "journal.jsonl").write_text('{"state": "done"}\n')
+    with pytest.raises(StorageError, match="journal.jsonl.*record 1 has no 'key'"):
         Spool(spool_dir)
 
 
@@ -136,3 +139,46 @@ def test_missing_spool_folder(tmp_path):
     with pytest.raises(SpoolError, match="does not exist"):
         Spool(tmp_path / "nope")
     assert issubclass(SpoolError, OnboardError)
+
+
+REJECT_THEN_DIE = textwrap.dedent("""
+    import os, sys
+    import onboard.runtime.sources.spool as spool_module
+    from onboard.runtime.sources.spool import Spool
+
+    def die(*args, **kwargs):
+        os._exit(9)  # killed after the rejection is journalled, before the file moves
+
+    spool = Spool(sys.argv[1], settle_s=0)
+    spool_module.move = die
+    item = spool.pending()[0]
+    spool.reject(item, ValueError("band 3 is all zeros"))
+""")
+
+
+def test_a_kill_between_journalling_and_quarantining_is_finished_on_open(tmp_path, scene_files):
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    _arrive(spool_dir, scene_files[0], "bad.tif", 1_700_000_000_000_000_000)
+    (spool_dir / "quarantine").mkdir()
+    (spool_dir / "quarantine" / "bad.tif").write_bytes(b"an earlier bad.tif, kept")
+    # A writer killed mid-write leaves a temporary file in the state folder.
+    leftover = spool_dir / ".onboard" / ".journal.jsonl.999999999.0badc0de.partial"
+    leftover.parent.mkdir()
+    leftover.write_bytes(b"half")
+    script = tmp_path / "reject.py"
+    script.write_text(REJECT_THEN_DIE)
+    assert subprocess.run([sys.executable, str(script), str(spool_dir)]).returncode == 9
+    assert (spool_dir / "bad.tif").exists()  # the kill came before the move
+
+    spool = Spool(spool_dir, settle_s=0)
+    assert not leftover.exists()
+    assert not (spool_dir / "bad.tif").exists() and spool.pending() == []
+    assert (spool_dir / "quarantine" / "bad.tif").read_bytes() == b"an earlier bad.tif, kept"
+    assert (spool_dir / "quarantine" / "bad.1.tif").read_bytes() == scene_files[0].read_bytes()
+    states = [(r["state"], r.get("error")) for r in spool.journal.records]
+    assert states == [("rejecting", "band 3 is all zeros"), ("rejected", "band 3 is all zeros")]
+    assert spool.journal.records[-1]["recovered"] is True
+    assert spool.telemetry.events[-1]["event"] == "spool.rejected"
+    # Finished once: opening again changes nothing.
+    assert len(Spool(spool_dir, settle_s=0).journal.records) == 2

@@ -7,21 +7,25 @@ a file whose handling was not recorded as finished is handed out again, one that
 A file counts as complete once it has its final name (instruments should write ``name.part`` or
 ``.name`` and rename) and has not changed for ``settle_s`` seconds, which also covers writers
 that cannot rename. A file that cannot be handled is moved to ``quarantine/`` and reported.
+
+A rejection is journalled before the file moves (``rejecting``, naming the quarantine target),
+and again once it has (``rejected``): a crash in between would otherwise lose why the file was
+set aside, or hand out a bad file again. Opening the spool finishes any rejection that was
+recorded but not completed, and removes the temporary files a killed writer left in its state.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onboard.runtime.errors import OnboardError, SpoolError
+from onboard.runtime.durability import Journal, move, remove_partials
+from onboard.runtime.errors import OnboardError, SpoolError, StorageError
 from onboard.runtime.telemetry import Telemetry
 
 _PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".incomplete")
@@ -62,42 +66,52 @@ class Spool:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise SpoolError(f"{self.state_dir}: cannot create spool state: {error}") from error
-        self._handled = self._load_journal()
-
-    def _load_journal(self) -> set[str]:
-        handled: set[str] = set()
-        if not self.journal_path.exists():
-            return handled
-        with open(self.journal_path, "rb") as fh:
-            raw = fh.read()
-        good_end = 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # a crash mid-write leaves a partial last line: it never happened
-            try:
-                handled.add(json.loads(line)["key"])
-            except (ValueError, KeyError):
-                raise SpoolError(
-                    f"{self.journal_path}: corrupt journal line at byte {good_end}"
-                ) from None
-            good_end += len(line)
-        if good_end != len(raw):
-            with open(self.journal_path, "r+b") as fh:
-                fh.truncate(good_end)
-        return handled
+        for kept in (self.state_dir, self.quarantine):
+            remove_partials(kept)
+        self.journal = Journal(self.journal_path)
+        self._handled: set[str] = set()
+        for number, record in enumerate(self.journal.records, 1):
+            if not isinstance(record.get("key"), str) or not isinstance(record.get("file"), str):
+                raise StorageError(self.journal_path,
+                                   f"journal record {number} has no 'key' and 'file'")
+            self._handled.add(record["key"])
+        self._finish_rejections()
 
     def _record(self, item: SpoolItem, state: str, **fields: Any) -> None:
-        entry = {"key": item.key, "file": item.path.name, "state": state,
-                 "t": round(time.time(), 3), **fields}
-        try:
-            with open(self.journal_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as error:
-            raise SpoolError(f"{self.journal_path}: cannot record {item.path.name}: "
-                             f"{error.strerror or error}") from error
+        self.journal.append({"key": item.key, "file": item.path.name, "state": state,
+                             "t": round(time.time(), 3), **fields})
         self._handled.add(item.key)
+
+    def _finish_rejections(self) -> None:
+        """Complete the rejections a crash interrupted between journalling and moving."""
+        last: dict[str, dict[str, Any]] = {}
+        for record in self.journal.records:
+            last[record["key"]] = record
+        for record in last.values():
+            if record.get("state") != "rejecting":
+                continue
+            source = self.folder / record["file"]
+            target = self.quarantine / str(record.get("quarantine", record["file"]))
+            item = _item(source)
+            # Otherwise it moved before the crash, or is gone: the record says which.
+            if item is not None and item.key == record["key"]:
+                move(source, target)
+            fields = {k: record[k] for k in ("error", "error_type") if k in record}
+            quarantined = str(target) if target.exists() else None
+            self.journal.append({"key": record["key"], "file": record["file"],
+                                 "state": "rejected", "t": round(time.time(), 3),
+                                 "quarantined": quarantined, "recovered": True, **fields})
+            self.telemetry.emit("spool.rejected", file=str(source), quarantined=quarantined,
+                                recovered=True, **fields)
+
+    def _quarantine_target(self, name: str) -> Path:
+        """Where a rejected file goes; never over an earlier rejected file of the same name."""
+        target = self.quarantine / name
+        number = 0
+        while target.exists():
+            number += 1
+            target = self.quarantine / f"{Path(name).stem}.{number}{Path(name).suffix}"
+        return target
 
     def pending(self) -> list[SpoolItem]:
         """Complete files not yet handled, oldest first (ties broken by name)."""
@@ -125,15 +139,13 @@ class Spool:
 
     def reject(self, item: SpoolItem, error: Exception) -> Path:
         """Set a file that cannot be handled aside in quarantine/ and report why."""
-        self.quarantine.mkdir(exist_ok=True)
-        target = self.quarantine / item.path.name
-        try:
-            shutil.move(str(item.path), target)
-        except OSError as move_error:
-            raise SpoolError(f"{item.path}: cannot quarantine: {move_error}") from move_error
-        self._record(item, "rejected", error=str(error), error_type=type(error).__name__)
+        target = self._quarantine_target(item.path.name)
+        reason = {"error": str(error), "error_type": type(error).__name__}
+        self._record(item, "rejecting", quarantine=target.name, **reason)
+        move(item.path, target)
+        self._record(item, "rejected", quarantined=str(target), **reason)
         self.telemetry.emit("spool.rejected", file=str(item.path), quarantined=str(target),
-                            error=str(error), error_type=type(error).__name__)
+                            **reason)
         return target
 
     def drain(self, handle: Callable[[SpoolItem], dict[str, Any] | None]) -> list[SpoolItem]:
@@ -161,3 +173,11 @@ class Spool:
             yield from items
             if not items:
                 time.sleep(poll_s)
+
+
+def _item(path: Path) -> SpoolItem | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return SpoolItem(path, stat.st_size, stat.st_mtime_ns) if path.is_file() else None
