@@ -21,6 +21,7 @@ from onboard.runtime.bundle import (
     Bundle,
     InputSpec,
     Manifest,
+    OutputSpec,
     write_bundle,
 )
 from onboard.runtime.cli import main
@@ -271,3 +272,122 @@ def test_onboard_info_reports_a_damaged_bundle(bundle_path, tmp_path, capsys):
 def test_bundle_errors_are_value_errors():
     assert issubclass(BundleChecksumError, BundleError)
     assert issubclass(BundleSchemaError, ValueError)
+
+
+# -- schema 2: named inputs and outputs ---------------------------------------------------------
+
+BANDS = ["blue", "green", "red", "nir"]
+
+
+def _siamese_manifest(**changes: object) -> Manifest:
+    """A change detector's manifest: two L1C images in, a class score map and a latent out."""
+    def image(name: str) -> InputSpec:
+        return InputSpec(bands=BANDS, scale=[1e-4] * 4, offset=[0.0] * 4, tile_size=64,
+                         gsd_m=10.0, name=name, radiometric_offset=-1000.0)
+
+    fields: dict[str, object] = dict(
+        name="siamese", version="0.1.0", task="change",
+        inputs=[image("before"), image("after")],
+        outputs=[OutputSpec(kind="labels", channels=1, classes={0: "same", 1: "changed"},
+                            name="change"),
+                 OutputSpec(kind="vector", channels=16, cell_size=16, name="latent",
+                            description="one 16-long vector per 16x16 px cell")],
+        precision="fp32", engines={"onnxruntime": "model.onnx"})
+    fields.update(changes)
+    return Manifest(**fields)  # type: ignore[arg-type]
+
+
+def test_schema_2_round_trip_keeps_every_named_input_and_output(tmp_path):
+    manifest = _siamese_manifest()
+    path = write_bundle(tmp_path / "siamese.onboard", manifest, {"model.onnx": b"graph"})
+    opened = Bundle.open(path).manifest
+    assert opened.schema_version == SCHEMA_VERSION == 2 and opened == manifest
+    assert [s.name for s in opened.inputs] == ["before", "after"]
+    assert opened.inputs[1].radiometric_offset == -1000.0
+    change, latent = opened.outputs
+    assert (change.kind, change.classes) == ("labels", {0: "same", 1: "changed"})
+    assert (latent.kind, latent.channels, latent.cell_size) == ("vector", 16, 16)
+    assert opened.input is opened.inputs[0] and opened.output is opened.outputs[0]
+    with zipfile.ZipFile(path) as archive:
+        raw = json.loads(archive.read(MANIFEST))
+    assert "inputs" in raw and "input" not in raw and raw["outputs"][0]["classes"] == {
+        "0": "same", "1": "changed"}
+
+
+def test_single_model_with_schema_2_content_is_written_as_schema_2(tmp_path):
+    # One input, but a radiometric offset: schema 1 cannot say it, so schema 2 is written.
+    manifest = ukis_bundle.manifest()
+    manifest.input.radiometric_offset = -1000.0
+    assert manifest.required_schema_version() == 2
+    assert json.loads(manifest.to_json())["schema_version"] == 2
+    manifest.input.radiometric_offset = 0.0
+    assert json.loads(manifest.to_json())["schema_version"] == 1
+    manifest.schema_version = 2  # asked for: written as 2 even though 1 would do
+    text = manifest.to_json()
+    assert json.loads(text)["inputs"][0]["name"] == "input"
+    assert Manifest.from_json(text) == manifest
+
+
+@pytest.mark.parametrize("bundle", sorted(Path(__file__).parents[1].glob(
+    "models/cloud/*.onboard")), ids=lambda p: p.name)
+def test_shipped_schema_1_bundles_read_onto_one_element_lists(bundle):
+    manifest = Bundle.open(bundle).manifest
+    assert manifest.schema_version == 1
+    assert len(manifest.inputs) == 1 and len(manifest.outputs) == 1
+    assert manifest.input.name == "input" and manifest.output.name == "output"
+    assert manifest.input.radiometric_offset == 0.0 and manifest.output.cell_size == 0
+    assert json.loads(manifest.to_json())["input"]["bands"] == manifest.input.bands
+
+
+def test_manifest_takes_input_and_output_for_one_of_each():
+    single = ukis_bundle.manifest()
+    assert Manifest(name="m", version="1", task="cloud", input=single.input,
+                    output=single.output, precision="fp32",
+                    engines={"onnxruntime": "model.onnx"}).inputs == [single.input]
+    with pytest.raises(TypeError, match="inputs=|input="):
+        Manifest(name="m", version="1", task="cloud", outputs=[single.output],
+                 precision="fp32", engines={"onnxruntime": "model.onnx"})
+
+
+def _schema_2_dict() -> dict:
+    return json.loads(_siamese_manifest().to_json())
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m["inputs"][1].update(name="before"), "inputs[1].name 'before' is used twice"),
+    (lambda m: m.update(inputs=[]), "'inputs' must be a non-empty list"),
+    (lambda m: m["inputs"][0].update(radiometric_offset="-1000"),
+     "inputs[0].radiometric_offset must be a finite number"),
+    (lambda m: m["inputs"][1].update(scale=[1.0]), "inputs[1].scale must be 4 finite numbers"),
+    (lambda m: m["outputs"][0].update(channels=2), "outputs[0].channels must be 1 for kind "
+                                                   "'labels'"),
+    (lambda m: m["outputs"][0].update(classes={"300": "x"}), "outputs[0].classes['300'] is out "
+                                                             "of range"),
+    (lambda m: m["outputs"][1].update(classes={"0": "x"}), "outputs[1].classes must be empty"),
+    (lambda m: m["outputs"][1].update(cell_size=24), "cell_size 24 does not divide"),
+    (lambda m: m["outputs"][1].update(scale_factor=2), "outputs[1].scale_factor must be 1"),
+    (lambda m: m["outputs"][0].update(cell_size=4), "cell_size is for kind 'vector' only"),
+    (lambda m: m["outputs"][0].update(kind="boxes"), "outputs[0].kind must be one of"),
+    (lambda m: m["outputs"][1].update(name=""), "outputs[1].name must be a non-empty string"),
+    (lambda m: m.update(input=m["inputs"][0]), "schema 2 lists 'inputs' and 'outputs'"),
+    (lambda m: m.update(schema_version=1), "schema 1 has 'input' and 'output'"),
+])
+def test_invalid_schema_2_manifest_is_refused(edit, problem, tmp_path):
+    data = _schema_2_dict()
+    edit(data)
+    where = tmp_path / "bad.onboard"
+    with pytest.raises(BundleSchemaError) as caught:
+        Manifest.from_json(json.dumps(data), where)
+    assert problem in str(caught.value) and str(where) in str(caught.value)
+
+
+def test_schema_1_knows_only_its_own_output_kinds(bundle_path, tmp_path):
+    path = _repack(bundle_path, tmp_path / "v1-vector.onboard",
+                   lambda m: m["output"].update(kind="vector"))
+    with pytest.raises(BundleSchemaError, match=r"output.kind must be one of \('classes', "
+                                                r"'values'\)"):
+        Bundle.open(path)
+    path = _repack(bundle_path, tmp_path / "v1-named.onboard",
+                   lambda m: m["input"].update(name="image"))
+    with pytest.raises(BundleSchemaError, match=r"unknown input field\(s\) \['name'\]"):
+        Bundle.open(path)

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import ukis_bundle
 
-from onboard.runtime.bundle import Bundle
+from onboard.runtime.bundle import Bundle, InputSpec, Manifest, OutputSpec, write_bundle
 from onboard.runtime.engines import Engine, open_engine
 from onboard.runtime.errors import (
     BundleChecksumError,
@@ -306,3 +306,133 @@ def test_tensorrt_engine_from_another_version_is_refused(tmp_path, bundle_path):
         toolchain={"tensorrt": "7.0.0"})
     with pytest.raises(EngineVersionError, match="7.0.0"):
         open_engine(path, "tensorrt", "cuda", cache_dir=tmp_path)
+
+
+# -- models with several named inputs and outputs ----------------------------------------------
+
+BANDS = ["blue", "green", "red", "nir"]
+CELL = 8
+
+
+def _siamese_onnx(input_names: tuple[str, str] = ("before", "after")) -> bytes:
+    """A real two-input graph: per-band mean |before - after| per tile and per 8x8 cell (two
+    vector outputs) and the band of largest change per pixel (ArgMax in the graph: labels)."""
+    onnx = pytest.importorskip("onnx", reason="onnx builds the two-input test graph")
+    from onnx import TensorProto, helper
+
+    a, b = input_names
+    nodes = [
+        helper.make_node("Sub", [a, b], ["diff"]),
+        helper.make_node("Abs", ["diff"], ["absdiff"]),
+        helper.make_node("ReduceMean", ["absdiff"], ["distance"], axes=[2, 3], keepdims=0),
+        helper.make_node("AveragePool", ["absdiff"], ["cells"], kernel_shape=[CELL, CELL],
+                         strides=[CELL, CELL]),
+        helper.make_node("ArgMax", ["absdiff"], ["band"], axis=1, keepdims=1),
+    ]
+    image = ["n", 4, "h", "w"]
+    graph = helper.make_graph(
+        nodes, "siamese",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, image) for name in (a, b)],
+        [helper.make_tensor_value_info("distance", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("cells", TensorProto.FLOAT, ["n", 4, "hc", "wc"]),
+         helper.make_tensor_value_info("band", TensorProto.INT64, ["n", 1, "h", "w"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _siamese_manifest(names: tuple[str, str] = ("before", "after")) -> Manifest:
+    def image(name: str) -> InputSpec:
+        return InputSpec(bands=BANDS, scale=[1e-4] * 4, offset=[0.0] * 4, tile_size=32,
+                         gsd_m=10.0, name=name)
+
+    return Manifest(
+        name="siamese-distance", version="0.0.1", task="change",
+        inputs=[image(n) for n in names],
+        outputs=[OutputSpec(kind="vector", channels=4, name="distance"),
+                 OutputSpec(kind="vector", channels=4, cell_size=CELL, name="cells"),
+                 OutputSpec(kind="labels", channels=1, name="band",
+                            classes={i: band for i, band in enumerate(BANDS)})],
+        precision="fp32", engines={"onnxruntime": "model.onnx"})
+
+
+@pytest.fixture(scope="module")
+def siamese_path(tmp_path_factory) -> Path:
+    return write_bundle(tmp_path_factory.mktemp("siamese") / "siamese.onboard",
+                        _siamese_manifest(), {"model.onnx": _siamese_onnx()})
+
+
+@pytest.fixture(scope="module")
+def pair(test_data) -> tuple[np.ndarray, np.ndarray]:
+    """Three 32x32 tiles of Paris on both OSCD dates, normalised: real change between them."""
+    def tiles(folder: str) -> np.ndarray:
+        path = test_data / "oscd" / "paris" / folder
+        dn = np.stack([tifffile.imread(path / f"paris_{b}.tif")
+                       for b in ("B02", "B03", "B04", "B08")])
+        return np.stack([dn[:, :32, :32], dn[:, 40:72, 60:92], dn[:, -32:, -32:]])
+
+    spec = _siamese_manifest().input
+    return spec.normalise(tiles("imgs_1")), spec.normalise(tiles("imgs_2"))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_two_input_model_runs_by_name_and_matches_numpy(siamese_path, pair, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is not installed")
+    before, after = pair
+    absdiff = np.abs(before - after)
+    with open_engine(siamese_path, backend, batch_size=2) as engine:
+        assert engine.model_input_shapes == {"before": (None, 4, None, None),
+                                             "after": (None, 4, None, None)}
+        out = engine.run_named({"after": after, "before": before})  # any order
+    assert set(out) == {"distance", "cells", "band"}
+    assert out["distance"].shape == (3, 4) and out["distance"].dtype == np.float32
+    np.testing.assert_allclose(out["distance"], absdiff.mean(axis=(2, 3)), rtol=1e-5,
+                               atol=1e-7)
+    cells = absdiff.reshape(3, 4, 32 // CELL, CELL, 32 // CELL, CELL).mean(axis=(3, 5))
+    np.testing.assert_allclose(out["cells"], cells, rtol=1e-5, atol=1e-7)
+    assert out["band"].shape == (3, 1, 32, 32) and out["band"].dtype == np.int32
+    # Ties (equal change in two bands) may resolve either way; everywhere else, exactly.
+    top2 = np.sort(absdiff, axis=1)[:, -2:]
+    clear = top2[:, 1] > top2[:, 0] * (1 + 1e-5)
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(out["band"][:, 0][clear], absdiff.argmax(axis=1)[clear])
+    assert float(out["distance"].max()) > 0.005  # the dates differ: real change was measured
+
+
+def test_run_named_refuses_bad_feeds_and_run_refuses_several_inputs(siamese_path, pair):
+    before, after = pair
+    with open_engine(siamese_path) as engine:
+        with pytest.raises(EngineInputError, match=r"missing \['after'\]; unknown \['later'\]"):
+            engine.run_named({"before": before, "later": after})
+        with pytest.raises(EngineInputError, match="different numbers of tiles"):
+            engine.run_named({"before": before, "after": after[:2]})
+        with pytest.raises(EngineInputError, match="input 'after' has 3 channels"):
+            engine.run_named({"before": before, "after": after[:, :3]})
+        with pytest.raises(EngineInputError, match="multiple of it"):
+            engine.run_named({"before": before[..., :30], "after": after[..., :30]})
+        with pytest.raises(EngineError, match=r"use run_named\(\{'before', 'after'"):
+            engine.run(before)
+        with pytest.raises(EngineInputError, match="dict of input name"):
+            engine.run_named([before, after])  # type: ignore[arg-type]
+
+
+def test_names_that_do_not_match_the_graph_are_refused_at_load(tmp_path):
+    path = write_bundle(tmp_path / "renamed.onboard", _siamese_manifest(("t0", "t1")),
+                        {"model.onnx": _siamese_onnx()})
+    with pytest.raises(EngineError, match=r"inputs \['t0', 't1'\] do not match the model's 2 "
+                                          r"input\(s\) \['before', 'after'\]"):
+        open_engine(path)
+
+
+def test_an_output_not_shaped_as_its_kind_says_is_an_error(tmp_path, pair):
+    manifest = _siamese_manifest()
+    manifest.outputs[0] = OutputSpec(kind="labels", channels=1, name="distance",
+                                     classes={0: "x"})
+    path = write_bundle(tmp_path / "float-labels.onboard", manifest,
+                        {"model.onnx": _siamese_onnx()})
+    with open_engine(path, warmup=0) as engine, pytest.raises(
+            EngineError, match=r"returned output 'distance' shape \(3, 4\), the manifest's "
+                               r"output spec says \(3, 1, 32, 32\) \(one class index"):
+        engine.run_named({"before": pair[0], "after": pair[1]})
