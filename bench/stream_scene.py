@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onboard.runtime.downlink.products import write_geotiff
 from onboard.runtime.georef import CRS, Affine, Georef
-from onboard.runtime.products import write_geotiff
 from onboard.runtime.sources.oscd import OscdScene
 from onboard.runtime.windows import Window
 

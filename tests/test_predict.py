@@ -54,7 +54,7 @@ def test_predict_cli_writes_a_georeferenced_mask_and_png(tmp_path, cloud_bundle,
 
 def test_predict_on_a_geotiff_with_named_bands_and_scale(tmp_path, cloud_bundle, test_data):
     """A reflectance GeoTIFF with anonymous bands: --bands names them, --scale 1 keeps them."""
-    from onboard.runtime.products import write_geotiff
+    from onboard.runtime.downlink.products import write_geotiff
 
     crop = np.load(test_data / "ukis_6band_crop.npz")
     img = np.moveaxis(crop["img"], -1, 0)  # (6, 128, 128) reflectance

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from onboard.runtime.downlink.products import write_geotiff
 from onboard.runtime.errors import (
     BandError,
     CorruptTiffError,
@@ -14,7 +15,6 @@ from onboard.runtime.errors import (
     OnboardError,
     SceneError,
 )
-from onboard.runtime.products import write_geotiff
 from onboard.runtime.sources.base import iter_tiles
 from onboard.runtime.sources.geotiff import GeoTiffScene
 from onboard.runtime.sources.oscd import OscdPair, OscdScene, open_scene

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from onboard.runtime.downlink.products import write_geotiff
+from onboard.runtime.downlink.quicklook import write_mask_png
 from onboard.runtime.engines import open_engine
 from onboard.runtime.errors import SceneError
 from onboard.runtime.georef import Georef
 from onboard.runtime.inference import NODATA_CLASS, Predictor
-from onboard.runtime.products import write_geotiff
-from onboard.runtime.quicklook import write_mask_png
 from onboard.runtime.sources.oscd import open_scene
 from onboard.runtime.telemetry import Telemetry
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onboard.runtime.products import write_geotiff
+from onboard.runtime.downlink.products import write_geotiff
 from onboard.runtime.sources.geotiff import GeoTiffScene
 from onboard.runtime.sources.oscd import OscdScene
 from onboard.runtime.windows import Window
