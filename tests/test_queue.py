@@ -193,13 +193,16 @@ CHILD = textwrap.dedent("""
     queue = DownlinkQueue(root / "queue.sqlite")
     link = FolderTransmitter(Receiver(root / "ground"))
     print("ready", len(queue.recovered), flush=True)
-    # Every run enqueues every batch so far (idempotent by id) and one new batch, then drains.
+    drain(queue, link, 10 ** 12)  # what earlier runs left first, so kills land mid-send
+    # Every batch so far (a killed run may not have queued its own) and one new batch.
     for b in range(batches):
         for j in range(per):
-            path = products / f"{b}_{j}.bin"
+            item_id, path = f"acq{b}/{j}_0/full", products / f"{b}_{j}.bin"
+            if queue.get(item_id) is not None:
+                continue
             if not path.exists():  # written atomically: present means whole
                 write_bytes(path, random.Random(f"{b}/{j}").randbytes(200 + 50 * j))
-            queue.enqueue(f"acq{b}/{j}_0/full", path, priority=(b * per + j) % 7)
+            queue.enqueue(item_id, path, priority=(b * per + j) % 7)
     drain(queue, link, 10 ** 12)
     print("done", flush=True)
 """)

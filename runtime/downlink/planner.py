@@ -657,8 +657,9 @@ def plan(candidates: Iterable[Candidate], windows: Sequence[ContactWindow],
     eligible = [i for i, c in enumerate(candidates) if c.value > 0 and c.nbytes <= cap]
     inst = _Instance(candidates, eligible)
 
-    choice, assigned, remaining = _improve(inst, _share(inst, eligible, budgets), eligible,
-                                           budgets)
+    packing = _improve(inst, _share(inst, eligible, budgets), eligible, budgets)
+    _fill_windows(inst, packing)  # a re-shared pair may have freed tiles another window takes
+    choice, assigned, remaining = packing
 
     window_of = {int(choice[t]): int(assigned[t]) for t in range(len(inst.tiles))
                  if choice[t] >= 0}
