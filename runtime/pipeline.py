@@ -20,20 +20,33 @@ quicklook PNG per acquisition and a pass report come out beside them.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import imagecodecs
 import numpy as np
 
 from onboard.runtime.aoi import AoiConfig, AreaOfInterest
-from onboard.runtime.config import Config, register_section
+from onboard.runtime.config import Config, load_config, register_section
+from onboard.runtime.downlink.planner import (
+    Candidate,
+    ContactWindow,
+    PlannerConfig,
+    candidates_for,
+    exact_optimum,
+    plan,
+    repack,
+)
+from onboard.runtime.downlink.products import product_id
+from onboard.runtime.durability import remove_partials, write_json, write_text
 from onboard.runtime.errors import ConfigError, OnboardError, SceneError
 from onboard.runtime.frame import Frame
 from onboard.runtime.scores import Decision, TileScore
@@ -207,6 +220,9 @@ class AcquisitionResult:
     quicklook_rgb: np.ndarray | None = None
     quicklook_cloud: np.ndarray | None = None
     quicklook_factor: int = 1
+    # Each usable tile's layers, zstd-compressed (masks are long runs: a few KB per tile), for
+    # the mask products made after the plan.
+    layers: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         out = {str(d): 0 for d in Decision}
@@ -285,6 +301,7 @@ class Pipeline:
         ql_cloud = np.full(ql_shape, 255, np.uint8)
         placements = list(grid)
         scores: dict[int, TileScore] = {}
+        layers: dict[str, dict[str, bytes]] = {}
         for placement in placements:
             scores[placement.index] = self._new_score(acquisition, placement)
         self._weigh_aoi(scene, placements, scores)
@@ -319,6 +336,10 @@ class Pipeline:
                 for work in batch.works:
                     self._quicklook(work, factor, ql_rgb, ql_cloud, rgb_bands)
                     self._emit_tile(work)
+                    if work.score.usable and work.layers:
+                        layers[work.score.tile_id] = {
+                            name: imagecodecs.zstd_encode(np.ascontiguousarray(layer).tobytes())
+                            for name, layer in work.layers.items()}
                 done += len(batch.works)
                 if self.progress:
                     self.progress(acquisition.id, done, len(placements))
@@ -331,7 +352,7 @@ class Pipeline:
         result = AcquisitionResult(
             acquisition.id, acquisition.place, acquisition.acquired,
             (scene.height, scene.width), [scores[p.index] for p in placements], timings, mpx,
-            dropped[0], ql_rgb, ql_cloud, factor)
+            dropped[0], ql_rgb, ql_cloud, factor, layers)
         self.telemetry.emit(
             "acquisition", acquisition=acquisition.id, source=scene.source_id,
             shape=[scene.height, scene.width], bands_read=list(self.bands), tiles=len(placements),
@@ -390,13 +411,7 @@ class Pipeline:
                         self.telemetry.emit("backpressure_drop", acquisition=acquisition.id,
                                             tiles=[w.score.tile_id for w in works])
         finally:
-            while True:
-                try:
-                    buffer.put(None, timeout=0.5)
-                    return
-                except queue.Full:
-                    if stop.is_set():
-                        return
+            _close_buffer(buffer, stop)
 
     def _read_tile(self, acquisition: Acquisition, placement: TilePlacement, score: TileScore,
                    bands: tuple[str, ...]) -> TileWork:
@@ -456,6 +471,16 @@ class Pipeline:
                             and work.frame.pixels.size else None)
 
 
+def _close_buffer(buffer: queue.Queue[_Batch | None], stop: threading.Event) -> None:
+    """Tell the consumer the stream ended, unless it already stopped listening."""
+    while not stop.is_set():
+        try:
+            buffer.put(None, timeout=0.5)
+            return
+        except queue.Full:
+            continue
+
+
 def _band_stats(work: TileWork) -> dict[str, dict[str, float]]:
     """Per-band mean, std, saturated and invalid fractions over the tile's core (every second
     pixel: drift monitoring needs the distribution, not every pixel)."""
@@ -472,8 +497,8 @@ def _band_stats(work: TileWork) -> dict[str, dict[str, float]]:
             invalid = 0.0
             saturated = float((band == np.iinfo(band.dtype).max).mean())
         out[name] = {
-            "mean": round(float(values.mean()), 2) if values.size else None,
-            "std": round(float(values.std()), 2) if values.size else None,
+            "mean": round(float(values.mean(dtype=np.float64)), 2) if values.size else None,
+            "std": round(float(values.std(dtype=np.float64)), 2) if values.size else None,
             "saturated": round(saturated, 5),
             "invalid": round(invalid, 5),
         }
@@ -488,12 +513,410 @@ def _band_stats_summary(work: TileWork) -> dict[str, float]:
     return {"invalid_fraction": float(1.0 - work.core_of(valid).mean())}
 
 
+# -- a whole run: passes, plan, products, queue, link ---------------------------------------------
+
+SAMPLE_CONFIG = Path(__file__).parent / "sample" / "onboard.toml"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """``[storage]``: what the run may keep onboard (products, queue, telemetry)."""
+
+    budget_bytes: int = 2 * 2**30
+
+    def __post_init__(self) -> None:
+        if self.budget_bytes <= 0:
+            raise ConfigError(f"storage budget_bytes must be positive, got {self.budget_bytes}")
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """``[link]``: where the queue drains during each contact window. ``folder``: a receiver
+    folder standing in for the ground station (relative to the output folder)."""
+
+    kind: Literal["none", "folder"] = "none"
+    folder: str = "ground"
+
+
+register_section("storage", StorageConfig, doc="onboard storage budget")
+register_section("link", LinkConfig, doc="the transmitter the queue drains into")
+register_section("passes", ContactWindow, many=True, doc="contact windows")
+
+
+@dataclass
+class _Pooled:
+    """A scored tile waiting for a contact window, with what its products need."""
+
+    score: TileScore
+    acquisition: Acquisition
+    layers: dict[str, bytes]  # name -> zstd-compressed (h, w) uint8
+
+
 @dataclass
 class RunResult:
     out: Path
     acquisitions: list[AcquisitionResult] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    fatal: bool = False
+
+    def summary_lines(self) -> list[str]:
+        s = self.summary
+        lines = [f"output: {self.out}"]
+        for acq in s.get("acquisitions", []):
+            d = acq["decisions"]
+            lines.append(f"  {acq['id']}: {acq['tiles']} tiles, keep {d['keep']}, demote "
+                         f"{d['demote']}, drop {d['drop']}, failed {d['failed']}, "
+                         f"{acq['mpx_per_s']:.1f} Mpx/s")
+        for error in s.get("errors", []):
+            lines.append(f"  skipped {error['source']}: {error['message']}")
+        plan = s.get("plan", {})
+        for i, window in enumerate(plan.get("windows", [])):
+            lines.append(f"  pass {i} ({window['start']}): planned {window['planned_bytes']} of "
+                         f"{window['budget_bytes']} B, {window['chosen']} products "
+                         f"{window['chosen_kinds']}")
+        if plan:
+            optimum = plan.get("exact_optimum")
+            estimated = plan["planner_value_on_estimates"]
+            lines.append(f"  value captured {plan['value']:.3f}"
+                         + (f" (planner {estimated / optimum:.1%} of the exact optimum of the "
+                            f"same candidates)" if optimum else "")
+                         + f"; downlink everything: {plan['downlink_everything_value']:.3f}")
+        link = s.get("link")
+        if link:
+            lines.append(f"  sent {link['sent']} products ({link['bytes_sent']} B), "
+                         f"acknowledged {link['acknowledged']}, queued {link['queued']}")
+        lines.append(f"  {s.get('input_mpx', 0):.2f} Mpx in {s.get('wall_s', 0):.2f} s: "
+                     f"{s.get('mpx_per_s', 0):.2f} Mpx/s end to end")
+        lines.append(f"report: {self.out / 'report.md'}")
+        return lines
+
+
+def _default_window(now: datetime) -> ContactWindow:
+    """With no ``[[passes]]``: one ten-minute pass at 1 Mbit/s right after the last
+    acquisition."""
+    return ContactWindow(start=now, duration_s=600.0, bitrate_bps=1e6)
+
+
+class PassRunner:
+    """Runs a config's acquisitions and contact windows in time order into ``out``."""
+
+    def __init__(self, config: Config, out: Path,
+                 progress: Callable[[str, int, int], None] | None = None) -> None:
+        from onboard.runtime.downlink.products import ProductMaker
+        from onboard.runtime.downlink.queue import DownlinkQueue
+
+        self.config = config
+        self.out = out
+        self.started = utc_now()
+        for folder in (out, out / "products"):
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_partials(folder)  # what a killed run left half-written
+        tconf: TelemetryConfig = config.section("telemetry")
+        self.telemetry = Telemetry(tconf.path or out / "telemetry.jsonl", tconf.budget_bytes,
+                                   keep=False)
+        self.telemetry.new_pass()
+        self.planner_config: PlannerConfig = config.section("planner")
+        self.products_config = config.section("products")
+        self.storage: StorageConfig = config.section("storage")
+        self.maker = ProductMaker(self.products_config)
+        self.queue = DownlinkQueue(out / "queue.sqlite")
+        self.windows = sorted(config.section("passes"), key=lambda w: _aware(w.start))
+        self.pipeline = Pipeline(config, self.telemetry, out / "state", progress)
+        self.bundle_ids = [f"{d.get('bundle', '?')}@{d.get('version', '?')}"
+                           for d in (s.describe() for s in self.pipeline.stages)]
+        self.pool: dict[str, _Pooled] = {}
+        self.result = RunResult(out)
+        self.window_summaries: list[dict[str, Any]] = []
+        self.chosen: dict[str, str] = {}  # tile id -> product id
+        self.products_bytes = 0
+        self.refused_for_space = 0
+        self.repacked = 0
+        self.all_candidates: list[Candidate] = []
+        self.link_report = {"sent": 0, "bytes_sent": 0, "acknowledged": 0}
+        link: LinkConfig = config.section("link")
+        self.transmitter = None
+        if link.kind == "folder":
+            from onboard.runtime.downlink.link import FolderTransmitter, Receiver
+
+            folder = Path(link.folder)
+            self.transmitter = FolderTransmitter(Receiver(folder if folder.is_absolute()
+                                                          else out / folder))
+
+    def close(self) -> None:
+        self.pipeline.close()
+        self.queue.close()
+        self.telemetry.close()
+
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        self.telemetry.emit("run_start", config=str(self.config.path), out=str(self.out),
+                            stages=[s.describe() for s in self.pipeline.stages],
+                            windows=[w.to_dict() for w in self.windows] or "default")
+        pending = list(self.windows)
+        errors = self.result.errors
+        for acquisition in iter_acquisitions(self.pipeline.source, self.telemetry, errors):
+            when = _aware(acquisition.acquired) if acquisition.acquired else None
+            while pending and when is not None and _aware(pending[0].start) <= when:
+                self._contact(pending.pop(0))
+            self._score(acquisition)
+        while pending:
+            self._contact(pending.pop(0))
+        if not self.windows:
+            dated = [_aware(r.acquired) for r in self.result.acquisitions if r.acquired]
+            self.windows = [_default_window(max(dated) if dated else self.started)]
+            self._contact(self.windows[0])
+        wall = time.perf_counter() - started
+        self._finish(wall)
+        return self.result
+
+    def _score(self, acquisition: Acquisition) -> None:
+        result = self.pipeline.score(acquisition)
+        self.result.acquisitions.append(result)
+        for score in result.scores:
+            self.pool[score.tile_id] = _Pooled(score, acquisition,
+                                               result.layers.get(score.tile_id, {}))
+        write_text(self.out / f"scores-{acquisition.id}.jsonl",
+                   "".join(json.dumps(s.to_dict()) + "\n" for s in result.scores))
+        if acquisition.done is not None:
+            acquisition.done({"acquisition": acquisition.id, "tiles": len(result.scores)})
+
+    # -- one contact window ---------------------------------------------------------------------
+
+    def _candidates(self, now: datetime) -> list[Candidate]:
+        bands_of: dict[str, tuple[str, ...]] = {}
+        out = []
+        for tile_id, pooled in self.pool.items():
+            if tile_id in self.chosen or not pooled.score.usable:
+                continue
+            scene = pooled.acquisition.scene
+            bands = bands_of.setdefault(pooled.acquisition.id, tuple(scene.bands))
+            _, _, h, w = pooled.score.window
+            sizes = {}
+            for kind in self.products_config.kinds:
+                if kind == "mask" and not pooled.layers:
+                    continue
+                names = tuple(pooled.layers) if kind == "mask" else (
+                    self.products_config.thumbnail_bands if kind == "thumbnail" else bands)
+                sizes[kind] = self.maker.sizes.estimate(kind, (h, w), list(names),
+                                                        self.products_config.thumbnail_scale)
+            for candidate in candidates_for(pooled.score, sizes, now, pooled.acquisition.acquired,
+                                            self.planner_config):
+                if candidate.value > 1e-9:  # aged past any use: not worth a byte or a row
+                    out.append(replace(candidate,
+                                       product_id=product_id(tile_id, candidate.kind)))
+        return out
+
+    def _contact(self, window: ContactWindow) -> None:
+        index = len(self.window_summaries)
+        now = _aware(window.start)
+        candidates = self._candidates(now)
+        self.all_candidates.extend(candidates)
+        chosen_plan = plan(candidates, [window], self.planner_config)
+        # The planner against the exact optimum of the same candidates, both on the estimates.
+        estimated_value = chosen_plan.value
+        made: dict[str, Any] = {}
+        # Make what is chosen, plan again on the real sizes, make what that adds: the plan
+        # converges in a round or two because the size model learns from every product made.
+        for _ in range(4):
+            for candidate in chosen_plan.chosen():
+                if candidate.product_id not in made:
+                    product = self._make(candidate)
+                    if product is not None:
+                        made[candidate.product_id] = product
+            chosen_plan = repack(chosen_plan, {p: m.size for p, m in made.items()})
+            if all(c.product_id in made for c in chosen_plan.chosen()):
+                break
+        # The plan of record chooses among the products that exist, at their real sizes, so
+        # every chosen row of the audit is a file on board and the budget holds exactly.
+        before = len(chosen_plan.chosen())
+        made_candidates = [c for c in chosen_plan.candidates if c.product_id in made]
+        chosen_plan = plan(made_candidates, [window], self.planner_config,
+                           baseline=[c for c in chosen_plan.candidates
+                                     if c.kind == self.planner_config.baseline_kind])
+        final = chosen_plan.chosen()
+        self.repacked += max(before - len(final), 0)
+        unmade = [c for c in candidates if c.product_id not in made]
+        optimum = exact_optimum(candidates, window.budget_bytes, time_limit_s=20.0)
+        write_text(self.out / f"plan-{index}.jsonl", "".join(
+            json.dumps(row, separators=(",", ":")) + "\n" for row in chosen_plan.rows()
+            + [{"tile_id": c.tile_id, "acquisition": c.acquisition, "kind": c.kind,
+                "product_id": c.product_id, "bytes": c.nbytes, "estimated": True,
+                "value": round(c.value, 9), "value_per_byte": c.value_per_byte,
+                "chosen": None, "value_reason": c.reason,
+                "why": "not chosen: worth less per byte than the products planned (estimate)"}
+               for c in unmade]))
+        kinds: dict[str, int] = {}
+        planned = 0
+        for candidate in final:
+            product = made[candidate.product_id]
+            path = self._store(candidate, product, index)
+            if path is None:
+                continue
+            self.chosen[candidate.tile_id] = candidate.product_id
+            kinds[candidate.kind] = kinds.get(candidate.kind, 0) + 1
+            planned += product.size
+            self.queue.enqueue(candidate.product_id, path,
+                               priority=candidate.value_per_byte, window=index,
+                               sha256=product.sha256,
+                               meta={"tile": candidate.tile_id, "kind": candidate.kind,
+                                     "value": candidate.value})
+        summary = {"start": now.isoformat(), "budget_bytes": window.budget_bytes,
+                   "planned_bytes": planned, "chosen": sum(kinds.values()),
+                   "chosen_kinds": kinds, "candidates": len(candidates),
+                   "candidate_tiles": len({c.tile_id for c in candidates}),
+                   "value": sum(c.value for c in final),
+                   "planner_value_on_estimates": estimated_value, "exact_optimum": optimum,
+                   "downlink_everything_value": chosen_plan.baseline_value,
+                   "downlink_everything_bytes": chosen_plan.baseline_bytes}
+        if self.transmitter is not None:
+            from onboard.runtime.downlink.link import drain
+
+            report = drain(self.queue, self.transmitter, window.budget_bytes, self.telemetry)
+            summary["link"] = report.to_dict()
+            self.link_report["sent"] += len(report.acknowledged) + len(report.not_acknowledged)
+            self.link_report["bytes_sent"] += report.sent_bytes
+            self.link_report["acknowledged"] += len(report.acknowledged)
+        self.window_summaries.append(summary)
+        self.telemetry.emit("pass", window=index, **summary)
+
+    def _make(self, candidate: Candidate) -> Any:
+        pooled = self.pool[candidate.tile_id]
+        row, col, h, w = pooled.score.window
+        try:
+            frame = pooled.acquisition.scene.read(Window(row, col, h, w))
+            layers = {name: np.frombuffer(imagecodecs.zstd_decode(blob), np.uint8).reshape(h, w)
+                      for name, blob in pooled.layers.items()}
+            return self.maker.make(candidate.kind, frame, layers=layers)
+        except OnboardError as error:
+            pooled.score.fail(f"product {candidate.kind}: {error}")
+            self.telemetry.emit("product_error", product=candidate.product_id,
+                                error=type(error).__name__, message=str(error))
+            return None
+
+    def _store(self, candidate: Candidate, product: Any, window: int) -> Path | None:
+        """Write a product and its STAC Item, within the storage budget."""
+        from onboard.runtime.downlink.stac import make_item
+
+        pooled = self.pool[candidate.tile_id]
+        path = self.out / "products" / f"{candidate.product_id}{product.suffix}"
+        used = self.products_bytes + self.queue_bytes() + self.telemetry.bytes_written
+        if used + product.size > self.storage.budget_bytes:
+            self.refused_for_space += 1
+            self.telemetry.emit("storage_full", product=candidate.product_id,
+                                bytes=product.size, used=used,
+                                budget=self.storage.budget_bytes)
+            return None
+        product.write(path)
+        item = make_item(product, pooled.score, item_id=candidate.product_id, href=path.name,
+                         acquired=pooled.acquisition.acquired, priority=candidate.value,
+                         bundles=self.bundle_ids,
+                         extra_properties={"onboard:pass": window,
+                                           "onboard:value_per_byte": candidate.value_per_byte})
+        write_json(path.with_suffix(".json"), item)
+        self.products_bytes += product.size + path.with_suffix(".json").stat().st_size
+        return path
+
+    def queue_bytes(self) -> int:
+        db = self.out / "queue.sqlite"
+        return sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file())
+
+    # -- after the last window ------------------------------------------------------------------
+
+    def _finish(self, wall: float) -> None:
+        from onboard.runtime.downlink.quicklook import write_pass_quicklook
+        from onboard.runtime.downlink.report import write_report
+
+        acquisitions = []
+        timings: dict[str, float] = {}
+        for result in self.result.acquisitions:
+            chosen = {tid for tid in self.chosen if tid.startswith(result.acquisition + "/")}
+            quicklook = None
+            if result.quicklook_cloud is not None:
+                quicklook = f"quicklook-{result.acquisition}.png"
+                f = result.quicklook_factor
+                rgb = result.quicklook_rgb if result.quicklook_rgb is not None else np.zeros(
+                    (3, *result.quicklook_cloud.shape), np.float32)
+                scaled = [replace(s, window=(s.window[0] // f, s.window[1] // f,
+                                             -(-s.window[2] // f), -(-s.window[3] // f)))
+                          for s in result.scores] if f > 1 else result.scores
+                write_pass_quicklook(self.out / quicklook, rgb, result.quicklook_cloud, scaled,
+                                     chosen, title=result.acquisition)
+            for key, value in result.timings_s.items():
+                timings[key] = timings.get(key, 0.0) + value
+            acquisitions.append({"id": result.acquisition, "tiles": len(result.scores),
+                                 "decisions": result.counts(), "shape": list(result.shape),
+                                 "mpx_per_s": result.input_mpx / max(result.timings_s["wall"],
+                                                                     1e-9),
+                                 "dropped_by_backpressure": result.dropped_by_backpressure,
+                                 "chosen": len(chosen), "quicklook": quicklook})
+        input_mpx = sum(r.input_mpx for r in self.result.acquisitions)
+        counts = self.queue.counts()
+        candidates = self.all_candidates
+        total_value = sum(w["value"] for w in self.window_summaries)
+        optima = [w["exact_optimum"] for w in self.window_summaries]
+        summary = {
+            "name": str(self.config.path.name if self.config.path else "onboard run"),
+            "started": self.started.isoformat(), "wall_s": wall, "input_mpx": input_mpx,
+            "mpx_per_s": input_mpx / wall if wall > 0 else 0.0,
+            "acquisitions": acquisitions, "errors": self.result.errors,
+            "timings_s": {k: round(v, 4) for k, v in timings.items()},
+            "plan": {"windows": self.window_summaries, "candidates": len(candidates),
+                     "planner_value_on_estimates": sum(w["planner_value_on_estimates"]
+                                                       for w in self.window_summaries),
+                     "candidate_tiles": len({c.tile_id for c in candidates}),
+                     "chosen": len(self.chosen),
+                     "chosen_kinds": _count(w["chosen_kinds"] for w in self.window_summaries),
+                     "value": total_value,
+                     "exact_optimum": (sum(optima) if optima and None not in optima
+                                       else None),
+                     "downlink_everything_value": sum(w["downlink_everything_value"]
+                                                      for w in self.window_summaries),
+                     "repacked": self.repacked},
+            "storage": {"budget_bytes": self.storage.budget_bytes,
+                        "products_bytes": self.products_bytes,
+                        "queue_bytes": self.queue_bytes(),
+                        "telemetry_bytes": self.telemetry.bytes_written,
+                        "used_bytes": self.products_bytes + self.queue_bytes()
+                        + self.telemetry.bytes_written,
+                        "refused": self.refused_for_space},
+            "queue": counts,
+            "telemetry": {"bytes": self.telemetry.bytes_written,
+                          "budget_bytes": self.telemetry.budget_bytes,
+                          "dropped": self.telemetry.dropped},
+        }
+        if self.transmitter is not None:
+            summary["link"] = {**self.link_report, "queued": counts.get("queued", 0)}
+        self.telemetry.emit("run_done", **{k: v for k, v in summary.items()
+                                           if k not in ("acquisitions",)})
+        self.telemetry.sync()
+        write_json(self.out / "summary.json", summary)
+        write_report(self.out / "report.md", summary)
+        self.result.summary = summary
+
+
+def _count(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for key, value in d.items():
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def run(config_path: str | Path, out: str | Path,
+        progress: Callable[[str, int, int], None] | None = None) -> RunResult:
+    """``onboard run``: every acquisition of the config's source through the stages, each
+    contact window planned, its products made, queued and (with a link) sent."""
+    config = load_config(config_path)
+    runner = PassRunner(config, Path(out), progress)
+    try:
+        return runner.run()
+    finally:
+        runner.close()
 
 
 def utc_now() -> datetime:

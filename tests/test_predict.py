@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,11 +14,12 @@ from onboard.runtime.bundle import write_bundle
 from onboard.runtime.engines import open_engine
 from onboard.runtime.errors import ConfigError
 from onboard.runtime.inference import NODATA_CLASS, Predictor
-from onboard.runtime.sources.base import iter_tiles
+from onboard.runtime.scores import Decision, TileScore
 from onboard.runtime.sources.geotiff import GeoTiffScene
 from onboard.runtime.sources.oscd import OscdScene
+from onboard.runtime.stages import TileWork
 from onboard.runtime.stages.cloud import CLOUD, CloudGate, CloudStage
-from onboard.runtime.windows import Window
+from onboard.runtime.windows import CoreGrid, Window
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +103,36 @@ def test_invalid_pixels_come_out_as_nodata(predictor, test_data):
     assert (mask[:10] == NODATA_CLASS).all() and (mask[10:] != NODATA_CLASS).all()
 
 
-def test_cloud_stage_gates_tiles_and_says_why(predictor, shared_data):
+def _works(scene, tile=256, halo=16):
+    grid = CoreGrid(scene.height, scene.width, tile, halo)
+    for placement in grid:
+        window = placement.core
+        score = TileScore(f"t/{placement.index}", "t", (window.row_off, window.col_off,
+                                                        window.height, window.width))
+        yield TileWork(score, scene.read(placement.window),
+                       placement.core.relative_to(placement.window))
+
+
+def test_cloud_stage_gates_batches_of_tiles_and_says_why(cloud_bundle, shared_data):
     scene = OscdScene(shared_data / "oscd" / "paris" / "imgs_2")
-    strict = CloudStage(predictor, CloudGate(max_cloud_fraction=0.01, action="demote"))
-    lenient = CloudStage(predictor, CloudGate(max_cloud_fraction=0.7))
-    verdicts = [(strict.process(t), lenient.process(t)) for t in iter_tiles(scene, 256, 32)]
-    assert all(v.decision == "keep" for _, v in verdicts)
-    demoted = [v for v, _ in verdicts if v.decision == "demote"]
-    assert demoted and all("> 1% limit" in v.reason for v in demoted)
-    for v, _ in verdicts:
-        assert v.cloud_fraction + v.shadow_fraction + v.clear_fraction == pytest.approx(1.0)
+    engine = open_engine(cloud_bundle, threads=2, batch_size=4)
+    strict = CloudStage(engine, CloudGate(max_cloud_fraction=0.01, action="demote"))
+    lenient = CloudStage(engine, CloudGate(max_cloud_fraction=0.7))
+    works = list(_works(scene))
+    strict_scores = [replace(s, reasons=[]) for s in strict.process(works)]
+    lenient_scores = lenient.process([replace(w, score=replace(w.score, reasons=[],
+                                                               decision=Decision.KEEP))
+                                      for w in works])
+    engine.close()
+    assert all(s.decision == Decision.KEEP for s in lenient_scores)
+    demoted = [s for s in strict_scores if s.decision == Decision.DEMOTE]
+    assert demoted and len(demoted) < len(strict_scores)
+    for work in works:
+        assert work.layers["cloud"].shape == (work.core.height, work.core.width)
+        v = work.score.values
+        assert v["cloud_fraction"] + v["shadow_fraction"] + v["clear_fraction"] == pytest.approx(
+            1.0)
+        assert any("limit" in reason for reason in work.score.reasons)
 
 
 def test_cloud_gate_config_is_checked():
@@ -132,7 +154,7 @@ def test_stage_config_falls_back_to_the_golden_bundle(tmp_path, cloud_bundle):
     config_path = tmp_path / "onboard.toml"
     config_path.write_text(f"[cloud]\nbundle = 'primary.onboard'\ngolden = '{cloud_bundle}'\n")
     telemetry = Telemetry()
-    predictor = open_predictor(load_config(config_path).cloud, telemetry)
+    predictor = open_predictor(load_config(config_path).section("cloud"), telemetry)
     assert predictor.engine.fallback_from == str(damaged)
     refused = [e for e in telemetry.events if e["event"] == "bundle_refused"]
     assert len(refused) == 1 and refused[0]["path"] == str(damaged)

@@ -15,6 +15,8 @@ from onboard.runtime.errors import OnboardError
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("onboard.runtime.cli.run", "the flight pipeline: frames in, plan, products and "
+            "queue out (default: the bundled sample)"),
     "info": ("onboard.runtime.cli.info", "describe a scene, an OSCD city folder or a bundle"),
     "predict": ("onboard.runtime.cli.predict", "run one bundle over one scene, tile by tile"),
     "compile": ("onboard.runtime.cli.compile", "prune, quantise, verify a model into a bundle"),

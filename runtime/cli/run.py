@@ -1,0 +1,43 @@
+"""``onboard run [CONFIG] [--out DIR]``: the flight pipeline over a config's source.
+
+With no config it runs the bundled sample: both dates of a Hong Kong crop, date 1 as a first
+pass and date 2 after it, through the cloud stage, the planner and the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from onboard.runtime import pipeline
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, nargs="?", default=None,
+                        help=f"a runtime config (TOML); default: the bundled sample "
+                             f"({pipeline.SAMPLE_CONFIG.name})")
+    parser.add_argument("--out", type=Path, default=Path("onboard-run"),
+                        help="output folder for products, plan, telemetry and the report "
+                             "(default: ./onboard-run)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = args.config or pipeline.SAMPLE_CONFIG
+    interactive = sys.stderr.isatty()
+
+    def progress(acquisition: str, done: int, total: int) -> None:
+        if interactive or done == total:
+            end = "\n" if done == total else ""
+            print(f"\r{acquisition}: tiles {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    result = pipeline.run(config, args.out, progress=progress)
+    if args.json:
+        print(json.dumps(result.summary, indent=2, default=str))
+    else:
+        for line in result.summary_lines():
+            print(line)
+    return 0 if not result.fatal else 1
+
