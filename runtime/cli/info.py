@@ -53,21 +53,28 @@ def _bundle(path: Path) -> dict[str, Any]:
 
 def _print_bundle(info: dict[str, Any]) -> None:
     m = info["manifest"]
-    spec, out = m["input"], m["output"]
+    inputs = m.get("inputs") or [m["input"]]  # schema 2 lists them; schema 1 has one
+    outputs = m.get("outputs") or [m["output"]]
     print(f"path:      {info['path']} ({_mb(info['bytes'])}, checksums verified)")
     print(f"sha256:    {info['sha256']}")
     print(f"bundle:    {m['name']} {m['version']}: task {m['task']}, {m['precision']}, "
           f"schema {m['schema_version']}, created {m['created'] or 'unknown'}")
-    print(f"input:     {len(spec['bands'])} bands, {spec['dtype']} {spec['layout']}, tiles "
-          f"{spec['tile_size']}×{spec['tile_size']} px, trained at {spec['gsd_m']:g} m")
-    for band, scale, offset in zip(spec["bands"], spec["scale"], spec["offset"], strict=True):
-        print(f"  {band:<9} model input = DN × {scale:.6g} {'-' if offset < 0 else '+'} "
-              f"{abs(offset):.6g}")
-    factor = f", ×{out['scale_factor']} grid" if out["scale_factor"] != 1 else ""
-    print(f"output:    {out['kind']}, {out['channels']} channel(s){factor}"
-          + (f": {out['description']}" if out["description"] else ""))
-    for value, name in out["classes"].items():
-        print(f"  {value:>3}  {name}")
+    for spec in inputs:
+        name = f" {spec['name']}" if len(inputs) > 1 and "name" in spec else ""
+        print(f"input{name}:     {len(spec['bands'])} bands, {spec['dtype']} {spec['layout']}, "
+              f"tiles {spec['tile_size']}×{spec['tile_size']} px, trained at "
+              f"{spec['gsd_m']:g} m, radiometric offset {spec.get('radiometric_offset', 0):g} DN")
+        for band, scale, offset in zip(spec["bands"], spec["scale"], spec["offset"],
+                                       strict=True):
+            print(f"  {band:<9} model input = DN × {scale:.6g} {'-' if offset < 0 else '+'} "
+                  f"{abs(offset):.6g}")
+    for out in outputs:
+        name = f" {out['name']}" if len(outputs) > 1 and "name" in out else ""
+        factor = f", ×{out['scale_factor']} grid" if out["scale_factor"] != 1 else ""
+        print(f"output{name}:    {out['kind']}, {out['channels']} channel(s){factor}"
+              + (f": {out['description']}" if out["description"] else ""))
+        for value, label in out["classes"].items():
+            print(f"  {value:>3}  {label}")
     print("engines:")
     for backend, member in m["engines"].items():
         print(f"  {backend:<12} {member} ({_mb(info['member_bytes'].get(member, 0))})")
