@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from onboard.runtime.bands import resolve_band_indices
 from onboard.runtime.config import EngineConfig
 from onboard.runtime.engines import open_engine
 from onboard.runtime.engines.base import Engine
@@ -52,12 +53,22 @@ class CloudConfig(EngineConfig):
 def class_mask(logits: np.ndarray) -> np.ndarray:
     """(K, H, W) scores -> (H, W) uint8 class of the highest score (the first on ties, like
     argmax), without argmax's strided pass over the class axis."""
-    best = logits[0].copy()
-    mask = np.zeros(best.shape, np.uint8)
-    for k in range(1, logits.shape[0]):
-        higher = logits[k] > best
-        mask[higher] = k
-        np.maximum(best, logits[k], out=best)
+    count = logits.shape[0]
+    if count < 2:
+        return np.zeros(logits.shape[1:], np.uint8)
+    # A bool array viewed as uint8 is already the 0/1 mask of the first comparison, and
+    # copyto(where=) writes in place where boolean-index assignment first gathers indices:
+    # together about four times faster on a 256² core than the general loop.
+    mask = np.greater(logits[1], logits[0]).view(np.uint8)
+    if count == 2:
+        return mask
+    best = np.maximum(logits[0], logits[1])
+    higher = np.empty(mask.shape, bool)
+    for k in range(2, count):
+        np.greater(logits[k], best, out=higher)
+        np.copyto(mask, np.uint8(k), where=higher)
+        if k + 1 < count:
+            np.maximum(best, logits[k], out=best)
     return mask
 
 
@@ -71,13 +82,13 @@ class CloudFractions:
 
 def fractions(mask: np.ndarray) -> CloudFractions:
     """Class fractions over the pixels of ``mask`` that carry data."""
-    known = mask != NODATA_CLASS
-    n = int(known.sum())
+    # One vectorised comparison per class instead of gathering the known pixels and widening
+    # them to intp for bincount; the counts, and so the fractions, are the same.
+    n = mask.size - int(np.count_nonzero(mask == NODATA_CLASS))
     if n == 0:
         return CloudFractions(0.0, 0.0, 0.0, 0.0)
-    counts = np.bincount(mask[known].ravel(), minlength=3)
-    return CloudFractions(float(counts[CLOUD] / n), float(counts[SHADOW] / n),
-                          float(counts[CLEAR] / n), n / mask.size)
+    cloud, shadow, clear = (int(np.count_nonzero(mask == k)) for k in (CLOUD, SHADOW, CLEAR))
+    return CloudFractions(cloud / n, shadow / n, clear / n, n / mask.size)
 
 
 class CloudStage:
@@ -92,6 +103,7 @@ class CloudStage:
         self.gate = gate or CloudGate()
         self.spec = engine.input_spec
         self.bands = tuple(self.spec.bands)
+        self._buffer: np.ndarray | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"stage": self.name, **self.engine.describe()}
@@ -111,8 +123,40 @@ class CloudStage:
             x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode=mode)
         return x
 
+    def _batch_input(self, batch: list[TileWork]) -> np.ndarray:
+        """The engine's (N, C, H, W) input, each tile normalised straight into its slot.
+
+        The arithmetic of ``spec.normalise`` (cast to float32, times scale, plus offset), but
+        without the band-selection copy, the three float temporaries per tile and the final
+        stack; tiles that need padding (or differ in size) take the general path."""
+        shape = batch[0].frame.shape
+        if any(w.frame.shape != shape for w in batch) or shape[0] % _SIZE_MULTIPLE \
+                or shape[1] % _SIZE_MULTIPLE:
+            return np.stack([self._input(work) for work in batch])
+        scale = np.asarray(self.spec.scale, np.float32)
+        offset = np.asarray(self.spec.offset, np.float32)
+        # One buffer per stage, reused: a fresh 10 MB batch costs page faults on every call.
+        # Safe because a stage runs one batch at a time and engines copy nothing out of it.
+        wanted = (len(self.bands), *shape)
+        if self._buffer is None or self._buffer.shape[1:] != wanted \
+                or len(self._buffer) < len(batch):
+            self._buffer = np.empty((len(batch), *wanted), np.float32)
+        x = self._buffer[: len(batch)]
+        for slot, work in zip(x, batch, strict=True):
+            frame = work.frame
+            indices = resolve_band_indices(list(frame.bands), list(self.bands), frame.source_id)
+            for c, index in enumerate(indices):
+                # Cast first, then multiply in place: a mixed-type ufunc call is about twice
+                # as slow as the plain cast and the float32 multiply it stands for.
+                slot[c] = frame.pixels[index]
+                np.multiply(slot[c], scale[c], out=slot[c])
+                np.add(slot[c], offset[c], out=slot[c])
+            if frame.valid is not None and not frame.valid.all():
+                slot[:, ~frame.valid] = 0.0  # NaNs would poison whole convolution windows
+        return x
+
     def process(self, batch: list[TileWork]) -> list[TileScore]:
-        logits = self.engine.run(np.stack([self._input(work) for work in batch]))
+        logits = self.engine.run(self._batch_input(batch))
         finite = np.isfinite(logits.reshape(len(batch), -1)).all(axis=1)
         for work, out, ok in zip(batch, logits, finite, strict=True):
             if not ok:
@@ -120,7 +164,9 @@ class CloudStage:
                 continue
             mask = class_mask(work.core_of(out[:, : work.frame.shape[0], : work.frame.shape[1]]))
             if work.frame.valid is not None:
-                mask[~work.core_of(work.frame.valid)] = NODATA_CLASS
+                valid = work.core_of(work.frame.valid)
+                if not valid.all():  # the common case: skip the inverted copy and the scatter
+                    np.copyto(mask, np.uint8(NODATA_CLASS), where=~valid)
             work.layers["cloud"] = mask
             self.judge(work.score, fractions(mask))
         return [work.score for work in batch]
