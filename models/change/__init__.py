@@ -1,0 +1,1 @@
+"""Change detection against a memory of earlier clear observations of a place."""

@@ -1,0 +1,1 @@
+"""Uplink: staging of chunks, verification and self-test, the atomic switch, rollback."""
