@@ -313,6 +313,29 @@ class Pipeline:
             args=(acquisition, placements, scores, buffer, dropped, stop), daemon=True,
             name="onboard-reader")
         reader.start()
+        # What only the downlink and the ground need (quicklook, tile telemetry, packed layers)
+        # is done by a third thread while the next batch is inferred.
+        post: queue.Queue[_Batch | None] = queue.Queue(2)
+        post_errors: list[BaseException] = []
+
+        def finish_batches() -> None:
+            while (finished := post.get()) is not None:
+                if post_errors:
+                    continue
+                try:
+                    for work in finished.works:
+                        self._quicklook(work, factor, ql_rgb, ql_cloud, rgb_bands)
+                        self._emit_tile(work)
+                        if work.score.usable and work.layers:
+                            layers[work.score.tile_id] = {
+                                name: imagecodecs.zstd_encode(
+                                    np.ascontiguousarray(layer).tobytes())
+                                for name, layer in work.layers.items()}
+                except BaseException as error:  # re-raised on the pipeline's own thread
+                    post_errors.append(error)
+
+        finisher = threading.Thread(target=finish_batches, daemon=True, name="onboard-post")
+        finisher.start()
         done = 0
         try:
             while True:
@@ -333,19 +356,17 @@ class Pipeline:
                     t0 = time.perf_counter()
                     self._run_stage(index, alive)
                     timings[stage.name] += time.perf_counter() - t0
-                for work in batch.works:
-                    self._quicklook(work, factor, ql_rgb, ql_cloud, rgb_bands)
-                    self._emit_tile(work)
-                    if work.score.usable and work.layers:
-                        layers[work.score.tile_id] = {
-                            name: imagecodecs.zstd_encode(np.ascontiguousarray(layer).tobytes())
-                            for name, layer in work.layers.items()}
+                post.put(batch)
                 done += len(batch.works)
                 if self.progress:
                     self.progress(acquisition.id, done, len(placements))
         finally:
             stop.set()
             reader.join()
+            post.put(None)
+            finisher.join()
+        if post_errors:
+            raise post_errors[0]
         wall = time.perf_counter() - started
         timings["wall"] = wall
         mpx = scene.height * scene.width / 1e6
@@ -466,6 +487,9 @@ class Pipeline:
             rgb[(slice(None), *target)] = pixels[:, offset[0] :: factor, offset[1] :: factor]
 
     def _emit_tile(self, work: TileWork) -> None:
+        if self.telemetry.detail_budget_spent:
+            self.telemetry.emit("tile", detail=True)  # counted, not written: skip the stats
+            return
         self.telemetry.emit("tile", detail=True, **work.score.to_dict(),
                             bands=_band_stats(work) if self.telemetry_config.band_stats
                             and work.frame.pixels.size else None)
@@ -643,10 +667,13 @@ class PassRunner:
             self.transmitter = FolderTransmitter(Receiver(folder if folder.is_absolute()
                                                           else out / folder))
 
-    def close(self) -> None:
-        self.pipeline.close()
-        self.queue.close()
-        self.telemetry.close()
+    def close(self, quiet: bool = False) -> None:
+        for close in (self.pipeline.close, self.queue.close, self.telemetry.close):
+            try:
+                close()
+            except OnboardError:
+                if not quiet:
+                    raise
 
     def run(self) -> RunResult:
         started = time.perf_counter()
@@ -851,6 +878,7 @@ class PassRunner:
                                  "dropped_by_backpressure": result.dropped_by_backpressure,
                                  "chosen": len(chosen), "quicklook": quicklook})
         input_mpx = sum(r.input_mpx for r in self.result.acquisitions)
+        self.queue.checkpoint()
         counts = self.queue.counts()
         candidates = self.all_candidates
         total_value = sum(w["value"] for w in self.window_summaries)
@@ -914,9 +942,12 @@ def run(config_path: str | Path, out: str | Path,
     config = load_config(config_path)
     runner = PassRunner(config, Path(out), progress)
     try:
-        return runner.run()
-    finally:
-        runner.close()
+        result = runner.run()
+    except BaseException:
+        runner.close(quiet=True)  # the error that stopped the run is the one to report
+        raise
+    runner.close()
+    return result
 
 
 def utc_now() -> datetime:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -39,26 +40,34 @@ class Telemetry:
         self.events: list[dict[str, Any]] = []
         self.bytes_written = 0
         self.dropped = 0  # detail records not written because the budget was spent
+        self._lock = threading.Lock()  # the pipeline's threads share one telemetry
+
+    @property
+    def detail_budget_spent(self) -> bool:
+        """True once detail records are no longer written (so callers can skip making them)."""
+        return self.budget_bytes is not None and self.bytes_written >= self.budget_bytes
 
     def emit(self, event: str, *, detail: bool = False, **fields: Any) -> dict[str, Any]:
         """Record ``event``; a ``detail`` record is counted, not written, once the budget is
         spent."""
         record = {"t": round(time.time(), 3), "event": event, **fields}
         line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
-        over = self.budget_bytes is not None and self.bytes_written + len(line) > self.budget_bytes
-        if detail and over:
-            self.dropped += 1
-            return record
-        if self.keep:
-            self.events.append(record)
-        if self._stream is not None:
-            try:
-                self._stream.write(line)
-                self._stream.flush()
-            except OSError as error:
-                raise StorageError(self.path, f"cannot write telemetry: "
-                                              f"{error.strerror or error}") from error
-        self.bytes_written += len(line)
+        with self._lock:
+            over = (self.budget_bytes is not None
+                    and self.bytes_written + len(line) > self.budget_bytes)
+            if detail and over:
+                self.dropped += 1
+                return record
+            if self.keep:
+                self.events.append(record)
+            if self._stream is not None:
+                try:
+                    self._stream.write(line)
+                    self._stream.flush()
+                except OSError as error:
+                    raise StorageError(self.path, f"cannot write telemetry: "
+                                                  f"{error.strerror or error}") from error
+            self.bytes_written += len(line)
         return record
 
     def new_pass(self) -> None:
@@ -78,8 +87,12 @@ class Telemetry:
 
     def close(self) -> None:
         if self._own and self._stream is not None:
-            self._stream.close()
-            self._stream = None
+            stream, self._stream = self._stream, None
+            try:
+                stream.close()
+            except OSError as error:
+                raise StorageError(self.path, f"cannot write telemetry: "
+                                              f"{error.strerror or error}") from error
 
 
 def stderr_telemetry() -> Telemetry:

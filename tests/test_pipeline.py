@@ -297,3 +297,35 @@ def test_the_flight_run_never_imports_torch(tmp_path):
 def test_stage_context_carries_the_source_offset():
     context = StageContext(telemetry=None, state_dir=Path("."), radiometric_offset=-1000.0)
     assert context.radiometric_offset == -1000.0
+
+
+FULL_DISK = """
+import resource, signal, sys
+from onboard.runtime.cli import main
+# A file-size limit makes the kernel refuse writes past it, as a full disk does.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+sys.exit(main(["run", "--out", sys.argv[1]]))
+"""
+
+
+def test_a_full_disk_stops_the_run_cleanly_and_loses_nothing_queued(tmp_path):
+    from onboard.runtime.downlink.queue import DownlinkQueue, file_sha256
+
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(out)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "onboard run: error:" in result.stderr and "Traceback" not in result.stderr
+    assert str(out) in result.stderr  # the message names the file that could not be written
+    assert not list(out.rglob("*.partial"))
+    # Whatever was queued before the disk filled is whole: its file is there, bit for bit.
+    with DownlinkQueue(out / "queue.sqlite") as queue:
+        items = queue.items()
+        for item in items:
+            assert item.path.exists() and file_sha256(item.path) == item.sha256
+    assert items  # the limit is hit late in the run (the quicklook), after both passes queued
+    # The same command without the limit completes over what the failed run left.
+    again = subprocess.run(["onboard", "run", "--out", str(out)], capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]

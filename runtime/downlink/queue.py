@@ -105,6 +105,9 @@ class DownlinkQueue:
             if str(mode).lower() != "wal":
                 raise StorageError(self.path, f"cannot use WAL journaling (got {mode!r})")
             self._db.execute("PRAGMA synchronous=FULL")
+            # Onboard storage is budgeted: fold the log back every 64 pages (256 KiB), not the
+            # default 1000 (4 MiB).
+            self._db.execute("PRAGMA wal_autocheckpoint=64")
             self._db.executescript(_SCHEMA)
             with self._transaction():
                 stuck = [row[0] for row in self._db.execute(
@@ -130,6 +133,12 @@ class DownlinkQueue:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log back into the database (end of a pass): the WAL otherwise
+        keeps growing and counts against the onboard storage budget."""
+        with self._errors("checkpoint"):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         with self._errors("close"):
