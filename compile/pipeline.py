@@ -539,7 +539,13 @@ def _write_bundle(out: Path, zoo: ZooModel, options: CompileOptions, members: di
     import json
 
     from onboard.runtime.bundle import InputSpec, Manifest, OutputSpec, write_bundle
+    from onboard.runtime.bundle.manifest import DEFAULT_OUTPUT_NAME
 
+    # What the runtime needs beyond the tensors (the change model's latent scale and
+    # calibration); a callable so that it is read when the bundle is written.
+    manifest_extra = zoo.extra.get("manifest_extra", {})
+    if callable(manifest_extra):
+        manifest_extra = manifest_extra()
     manifest = Manifest(
         name=zoo.name,
         version=options.version or zoo.version,
@@ -551,14 +557,17 @@ def _write_bundle(out: Path, zoo: ZooModel, options: CompileOptions, members: di
                           classes={int(k): v for k, v in zoo.classes.items()},
                           scale_factor=int(zoo.extra.get("scale_factor", 1)),
                           description=zoo.extra.get("output_description",
-                                                    f"{zoo.output_kind} per pixel")),
+                                                    f"{zoo.output_kind} per pixel"),
+                          # A per-cell vector output (an encoder) names its grid and tensor.
+                          name=zoo.extra.get("output_name", DEFAULT_OUTPUT_NAME),
+                          cell_size=int(zoo.extra.get("cell_size", 0))),
         precision=options.precision,
         engines=engines,
         metrics=metrics,
         toolchain=report["toolchain"],
         extra={"compile": {"target": options.target, "prune": options.prune,
                            "max_drop": options.max_drop, "seed": options.seed,
-                           "metric": zoo.metric_name}, **notes},
+                           "metric": zoo.metric_name}, **notes, **manifest_extra},
     )
     payload: dict[str, bytes | Path] = dict(members)
     payload["report.json"] = json.dumps(report, indent=2, default=str).encode()

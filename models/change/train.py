@@ -1,0 +1,155 @@
+"""Train the change encoder on the training cities, then fit its latent scale and calibration.
+
+    python -m onboard.models.change.train --bands 13 [--steps 2500] [--data ../shared/data]
+
+Siamese and supervised: both dates of a crop go through the same encoder, and the L2 distance
+between the two latents of each 32 x 32 cell, through a learnt logistic link, is fitted to the
+OSCD label of the cell (changed when more than 1 % of its pixels changed) with binary cross
+entropy. Unchanged cells are pulled together, changed ones pushed apart, and the per-date gains
+and offsets of :class:`PairSampler` teach that illumination and haze are not change.
+
+After training, on the training cities only (never the held-out ones), encoded window by window
+as on board:
+
+* ``latent_scale``: the 99.99th percentile of |latent| / 127, the int8 step of the store;
+* the calibration ``a``, ``b``: logistic regression of the cell label on the distance between
+  the int8-dequantised latents.
+
+Writes ``weights_{bands}band.pt`` (the encoder's state_dict) and ``calibration_{bands}band.json``
+beside this file. torch runs on one thread: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from onboard.models.change import dataset
+from onboard.models.change.model import PairHead, build, cell_distance, dequantise, quantise
+
+HERE = Path(__file__).resolve().parent
+
+
+def weights_path(bands: int) -> Path:
+    return HERE / f"weights_{bands}band.pt"
+
+
+def calibration_path(bands: int) -> Path:
+    return HERE / f"calibration_{bands}band.json"
+
+
+def encoder_fn(model: torch.nn.Module) -> Any:
+    def encode(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+    return encode
+
+
+def fit_logistic(d: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[float, float]:
+    """Maximum-likelihood ``a``, ``b`` of P(changed) = sigmoid(a d + b) (Newton's method)."""
+    x = np.stack([np.asarray(d, np.float64), np.ones(len(d))], 1)
+    y = np.asarray(y, np.float64)
+    w = np.zeros(2)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (p - y)
+        hess = (x * (p * (1 - p))[:, None]).T @ x + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(w[0]), float(w[1])
+
+
+def calibrate(model: torch.nn.Module, cities: list[dataset.City], distance: str = "l2"
+              ) -> dict[str, Any]:
+    """Latent scale and logistic calibration from ``cities`` (the training cities)."""
+    model.eval()
+    encode = encoder_fn(model)
+    pairs = [(dataset.run_tiled(encode, c.before), dataset.run_tiled(encode, c.after), c.cells)
+             for c in cities]
+    magnitudes = np.concatenate([np.abs(np.concatenate([a.ravel(), b.ravel()]))
+                                 for a, b, _ in pairs])
+    scale = float(np.percentile(magnitudes, 99.99) / 127.0)
+    ds, ys = [], []
+    for a, b, y in pairs:
+        qa, qb = dequantise(quantise(a, scale), scale), dequantise(quantise(b, scale), scale)
+        ds.append(cell_distance(qa, qb, distance).ravel())
+        ys.append(np.asarray(y).ravel())
+    d, y = np.concatenate(ds), np.concatenate(ys)
+    a, b = fit_logistic(d, y)
+    return {"latent_scale": scale, "a": a, "b": b, "distance": distance,
+            "calibration_cells": int(len(d)), "calibration_positives": int(y.sum()),
+            "calibration_cities": [c.name for c in cities]}
+
+
+def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop: int = 128,
+          lr: float = 2e-3, seed: int = 0, log_every: int = 100) -> tuple[Any, dict[str, Any]]:
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    cities = dataset.load_cities(data_root, dataset.TRAINING, bands)
+    sampler = dataset.PairSampler(cities, crop=crop, seed=seed)
+    model, head = build(bands), PairHead()
+    params = list(model.parameters()) + list(head.parameters())
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps,
+                                                   pct_start=0.1)
+    started = time.perf_counter()
+    model.train()
+    running = 0.0
+    for step in range(1, steps + 1):
+        a, b, y = sampler.batch(batch)
+        z = model(torch.from_numpy(np.concatenate([a, b])))
+        z1, z2 = z[:batch], z[batch:]
+        logits = head(z1, z2)
+        target = torch.from_numpy(y)
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        # Keeps latents small and centred: the store's int8 step is set by their magnitude.
+        loss = loss + 1e-3 * (z ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        running += float(loss.detach())
+        if step % log_every == 0:
+            print(f"step {step} loss {running / log_every:.4f} a {float(head.a):.3f} "
+                  f"b {float(head.b):.3f} {time.perf_counter() - started:.0f}s", flush=True)
+            running = 0.0
+    model.eval()
+    info = calibrate(model, cities)
+    info.update({"bands": bands, "steps": steps, "batch": batch, "crop": crop, "lr": lr,
+                 "seed": seed, "train_seconds": round(time.perf_counter() - started, 1),
+                 "training_cities": list(dataset.TRAINING), "heldout_cities":
+                 list(dataset.HELDOUT)})
+    return model, info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bands", type=int, default=13, choices=(13, 4))
+    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=None, help="folder (default: beside here)")
+    args = parser.parse_args(argv)
+    model, info = train(args.bands, args.data, args.steps, args.batch, args.crop, args.lr,
+                        args.seed)
+    out = args.out or HERE
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / weights_path(args.bands).name)
+    (out / calibration_path(args.bands).name).write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
