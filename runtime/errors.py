@@ -124,3 +124,16 @@ class EngineVersionError(EngineError):
 
 class EngineInputError(EngineError, ValueError):
     """A batch given to an engine has the wrong shape, band count or data type."""
+
+
+class ProtocolError(OnboardError, ValueError):
+    """A message on the hardware-in-loop frame link (``onboard serve``) is malformed, too large,
+    cut short, or cannot be honoured. ``fatal`` when the stream cannot be resynchronised and the
+    connection must close."""
+
+    def __init__(self, peer: str | None, problem: str, fatal: bool = False) -> None:
+        self.peer = peer
+        self.problem = problem
+        self.fatal = fatal
+        where = f"{peer}: " if peer else ""
+        super().__init__(f"{where}{problem}")
