@@ -265,6 +265,9 @@ class Pipeline:
         try:
             for spec in self.specs:
                 self.stages.append(spec.build(config.section(spec.name), self.context))
+                check = getattr(self.stages[-1], "check_tiling", None)
+                if check is not None:  # a stage working on cells refuses tiles not made of them
+                    check(self.tiling.tile, self.tiling.halo)
         except BaseException:
             self.close()
             raise
@@ -367,6 +370,10 @@ class Pipeline:
             finisher.join()
         if post_errors:
             raise post_errors[0]
+        for stage in self.stages:  # once per acquisition: the change stage commits its store
+            end = getattr(stage, "end_acquisition", None)
+            if end is not None:
+                end(acquisition.id)
         wall = time.perf_counter() - started
         timings["wall"] = wall
         mpx = scene.height * scene.width / 1e6

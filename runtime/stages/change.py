@@ -1,0 +1,463 @@
+"""The change stage: each clear 32 × 32 cell scored against the reference store, and the store
+fed with the clear cells of every acquisition.
+
+The bundle is an encoder (task ``change``): one input, one ``vector`` output with ``cell_size``
+32, a latent per cell, and ``manifest.extra["change"]`` = ``{"distance": "l2" | "cosine",
+"latent_scale": s, "calibration": {"a", "b"}, "cell_size": 32}``. Per tile:
+
+- The encoder runs on the tile's core cells with as much of the halo as lies in whole cells
+  around them (none with a halo under 32 px), so the cell grid is the core's and the model's
+  context is never a fraction of a cell. Cores are multiples of 32 px (the tile size must be; a
+  scene's last row and column of tiles may be narrower, and their partial cells are skipped).
+- Latents are quantised to the store's int8 codes, ``q = clip(round(z / s), -127, 127)``, and
+  the distance is measured between codes (dequantised), so a score does not depend on whether a
+  latent came from the engine or the store. A cell's score is ``sigmoid(a × d + b)`` of its
+  minimum distance over the place's references (RaVAEn's memory variant).
+- Only clear cells are scored and become references: at least ``min_clear_fraction`` of their
+  pixels clear in the cloud stage's layer (``work.layers["cloud"]``; without a cloud stage, valid
+  pixels count as clear). A clear cell whose place has no reference is new: it has no score.
+- The tile's ``change`` is the **maximum** over its scored cells (a tile is worth its downlink
+  when any part of it changed), absent when no cell is scored; ``change_cells`` and
+  ``change_new_cells`` count scored and new cells. ``work.layers["change"]`` is the score per
+  pixel of the core, ``round(254 × score)`` over each scored cell and 255 where there is none.
+
+The store is committed once per acquisition (:meth:`ChangeStage.end_acquisition`, which the
+pipeline calls after the acquisition's last batch), idempotent by acquisition id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from onboard.runtime.bundle import Manifest
+from onboard.runtime.config import EngineConfig
+from onboard.runtime.engines import open_engine
+from onboard.runtime.engines.base import Engine
+from onboard.runtime.errors import ConfigError, GeoreferenceError, StorageError
+from onboard.runtime.georef import CRS, Affine, Georef
+from onboard.runtime.scores import Decision, TileScore
+from onboard.runtime.stages.base import StageContext, TileWork, register_stage
+from onboard.runtime.store.reference import CellKeys, ReferenceStore
+from onboard.runtime.telemetry import Telemetry
+from onboard.runtime.windows import CoreGrid, Window
+
+CLEAR_CLASS = 0  # the cloud stage's class of a clear pixel
+NO_SCORE = 255  # in the change layer: no score (new, cloudy, partial or unreadable cell)
+DISTANCES = ("l2", "cosine")
+
+
+@dataclass(frozen=True)
+class ChangeConfig(EngineConfig):
+    """``[change]``: the encoder bundle (and golden), and the reference store."""
+
+    store: Path | None = None  # default: the run's state folder / "reference"
+    k: int = 3  # references kept per place
+    min_clear_fraction: float = 0.95  # of a cell's pixels, for it to be scored and kept
+    store_budget_bytes: int = 256 * 2**20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.k <= 64:
+            raise ConfigError(f"[change] k must be in [1, 64], got {self.k}")
+        if not 0.0 < self.min_clear_fraction <= 1.0:
+            raise ConfigError(f"[change] min_clear_fraction must be in (0, 1], got "
+                              f"{self.min_clear_fraction}")
+        if self.store_budget_bytes < 65536:
+            raise ConfigError(f"[change] store_budget_bytes must be at least 65536, got "
+                              f"{self.store_budget_bytes}")
+
+
+@dataclass(frozen=True)
+class ChangeParams:
+    """A change bundle's scoring rule, from ``manifest.extra["change"]``."""
+
+    distance: str
+    latent_scale: float
+    a: float
+    b: float
+    cell_size: int
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, where: str) -> ChangeParams:
+        block = manifest.extra.get("change")
+        if not isinstance(block, dict):
+            raise ConfigError(f"{where}: the bundle's manifest has no extra.change block "
+                              f"(distance, latent_scale, calibration, cell_size)")
+        try:
+            params = cls(str(block["distance"]), float(block["latent_scale"]),
+                         float(block["calibration"]["a"]), float(block["calibration"]["b"]),
+                         int(block["cell_size"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(f"{where}: extra.change is malformed: {type(error).__name__}: "
+                              f"{error}") from error
+        if params.distance not in DISTANCES:
+            raise ConfigError(f"{where}: extra.change.distance must be one of {DISTANCES}, got "
+                              f"{params.distance!r}")
+        if not (params.latent_scale > 0 and math.isfinite(params.latent_scale)):
+            raise ConfigError(f"{where}: extra.change.latent_scale must be positive, got "
+                              f"{params.latent_scale}")
+        if not (math.isfinite(params.a) and math.isfinite(params.b)):
+            raise ConfigError(f"{where}: extra.change.calibration must be finite")
+        return params
+
+    def quantise(self, z: np.ndarray) -> np.ndarray:
+        """int8 codes of latents ``z`` (..., D)."""
+        return np.clip(np.round(np.asarray(z, np.float32) / np.float32(self.latent_scale)),
+                       -127, 127).astype(np.int8)
+
+    def min_distance(self, codes: np.ndarray, references: np.ndarray, present: np.ndarray
+                     ) -> np.ndarray:
+        """(n,) minimum distance from ``codes`` (n, D) to each cell's present ``references``
+        (n, K, D), both int8 codes; NaN where a cell has none."""
+        q = codes.astype(np.float32)[:, None, :]
+        r = references.astype(np.float32)
+        if self.distance == "l2":
+            d = np.sqrt(((q - r) ** 2).sum(-1)) * np.float32(self.latent_scale)
+        else:  # cosine does not see the scale
+            norms = np.sqrt((q**2).sum(-1) * (r**2).sum(-1))
+            d = 1.0 - (q * r).sum(-1) / np.maximum(norms, 1e-12)
+        d = np.where(present, d, np.inf)
+        best = d.min(axis=1) if d.shape[1] else np.full(len(codes), np.inf)
+        return np.where(np.isfinite(best), best, np.nan).astype(np.float32)
+
+    def score(self, distance: np.ndarray) -> np.ndarray:
+        """Calibrated change score in [0, 1] (NaN stays NaN)."""
+        return (1.0 / (1.0 + np.exp(-(self.a * distance.astype(np.float64) + self.b)))
+                ).astype(np.float32)
+
+
+@dataclass
+class CellResult:
+    """What the stage found in one tile's cells (for ``onboard predict --reference``)."""
+
+    keys: CellKeys
+    scores: np.ndarray  # float32 (n,), NaN where not scored
+
+
+@dataclass
+class _Plan:
+    """Where a tile's cells lie: the crop fed to the encoder and the core's cells in it."""
+
+    work: TileWork
+    crop: Window  # in the frame's coordinates, a multiple of the cell on each side
+    rows: int  # whole cells of the core
+    cols: int
+    first: tuple[int, int]  # the core's first cell in the crop's cell grid
+
+
+class ChangeStage:
+    name: ClassVar[str] = "change"
+
+    def __init__(self, engine: Engine, store: ReferenceStore, params: ChangeParams,
+                 min_clear_fraction: float = 0.95, telemetry: Telemetry | None = None) -> None:
+        self.engine = engine
+        self.store = store
+        self.params = params
+        self.min_clear_fraction = min_clear_fraction
+        self.telemetry = telemetry
+        self.spec = engine.input_spec
+        self.bands = tuple(self.spec.bands)
+        self.output = _latent_output(engine.manifest, str(engine.bundle.path))
+        self.cell = params.cell_size
+        # Set by callers that want each tile's cells and scores (onboard predict --reference).
+        self.collect: list[CellResult] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"stage": self.name, **self.engine.describe(),
+                "store": self.store.stats(), "distance": self.params.distance}
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def check_tiling(self, tile: int, halo: int) -> None:
+        """Refuse a tiling whose tiles are not whole cells."""
+        if tile % self.cell:
+            raise ConfigError(f"[tiling] tile = {tile}: the change stage scores "
+                              f"{self.cell} × {self.cell} cells, so the tile size must be a "
+                              f"multiple of {self.cell}")
+
+    # -- one batch -------------------------------------------------------------------------------
+
+    def _plan(self, work: TileWork) -> _Plan | None:
+        c = self.cell
+        core = work.core
+        rows, cols = core.height // c, core.width // c
+        if not rows or not cols:
+            return None
+        fh, fw = work.frame.shape
+        # Context in whole cells only, so the crop's cell grid is the core's.
+        top = core.row_off // c * c
+        left = core.col_off // c * c
+        bottom = (fh - core.row_off - rows * c) // c * c
+        right = (fw - core.col_off - cols * c) // c * c
+        crop = Window(core.row_off - top, core.col_off - left, top + rows * c + bottom,
+                      left + cols * c + right)
+        return _Plan(work, crop, rows, cols, (top // c, left // c))
+
+    def _encode(self, plans: list[_Plan]) -> list[np.ndarray]:
+        """Latents (rows × cols, D) of each plan's core cells, float32."""
+        out: list[np.ndarray | None] = [None] * len(plans)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, plan in enumerate(plans):
+            groups.setdefault((plan.crop.height, plan.crop.width), []).append(i)
+        for (h, w), members in groups.items():
+            x = np.empty((len(members), len(self.bands), h, w), np.float32)
+            for slot, i in enumerate(members):
+                frame = plans[i].work.frame.select(list(self.bands))
+                pixels = frame.pixels[(slice(None), *plans[i].crop.slices)]
+                x[slot] = self.spec.normalise(pixels)
+                if frame.valid is not None:
+                    valid = frame.valid[plans[i].crop.slices]
+                    if not valid.all():
+                        x[slot][:, ~valid] = 0.0  # NaNs would poison whole convolution windows
+            z = self.engine.run_named({self.spec.name: x})[self.output]
+            for slot, i in enumerate(members):
+                plan = plans[i]
+                r0, c0 = plan.first
+                cells = z[slot][:, r0:r0 + plan.rows, c0:c0 + plan.cols]
+                out[i] = cells.reshape(cells.shape[0], -1).T
+        return [z for z in out if z is not None]
+
+    def _clear(self, work: TileWork, rows: int, cols: int) -> np.ndarray:
+        """(rows × cols,) whether each core cell is clear enough to score and keep."""
+        c = self.cell
+        mask = work.layers.get("cloud")
+        if mask is not None:
+            clear = mask[: rows * c, : cols * c] == CLEAR_CLASS
+        elif work.frame.valid is not None:
+            clear = work.core_of(work.frame.valid)[: rows * c, : cols * c]
+        else:
+            return np.ones(rows * cols, bool)
+        fraction = clear.reshape(rows, c, cols, c).mean(axis=(1, 3), dtype=np.float32)
+        return (fraction >= self.min_clear_fraction).ravel()
+
+    def process(self, batch: list[TileWork]) -> list[TileScore]:
+        plans = []
+        for work in batch:
+            if work.score.decision == Decision.FAILED or not work.frame.pixels.size:
+                continue
+            plan = self._plan(work)
+            if plan is None:
+                work.score.reasons.append("change: no whole cell in this tile")
+                continue
+            plans.append(plan)
+        if not plans:
+            return [work.score for work in batch]
+        latents = self._encode(plans)
+        for plan, z in zip(plans, latents, strict=True):
+            self._score_tile(plan, z)
+        return [work.score for work in batch]
+
+    def _score_tile(self, plan: _Plan, z: np.ndarray) -> None:
+        work, c = plan.work, self.cell
+        if not np.isfinite(z).all():
+            work.score.fail("change: the model output is not finite")
+            return
+        n = plan.rows * plan.cols
+        layer = np.full((work.core.height, work.core.width), NO_SCORE, np.uint8)
+        work.layers["change"] = layer
+        georef = work.frame.georef
+        if georef is None or georef.crs is None:
+            work.score.reasons.append("change: the frame has no georeferencing: no place to "
+                                      "compare with")
+            return
+        codes = self.params.quantise(z)
+        clear = self._clear(work, plan.rows, plan.cols)
+        grid_rows, grid_cols = np.divmod(np.arange(n), plan.cols)
+        centre_rows = work.core.row_off + grid_rows * c + c / 2
+        centre_cols = work.core.col_off + grid_cols * c + c / 2
+        try:
+            keys = self.store.keys(georef, centre_cols, centre_rows)
+        except GeoreferenceError as error:
+            work.score.reasons.append(f"change: {error}")
+            return
+        acquisition = work.score.acquisition
+        try:
+            memory = self.store.lookup(keys, exclude_scene=acquisition)
+        except StorageError as error:
+            # A damaged segment must not silence change detection over its region for good:
+            # its places count as new, and the next commit writes the region afresh.
+            for i in range(n):
+                self.store.forget_damaged(self.store.region_of(keys, i))
+            if self.telemetry is not None:
+                self.telemetry.emit("reference_damaged", tile=work.score.tile_id,
+                                    error=type(error).__name__, message=str(error))
+            work.score.reasons.append(f"change: reference store damaged ({error}); cells "
+                                      f"counted as new")
+            memory = self.store.lookup(keys, exclude_scene=acquisition)
+        scored = clear & memory.known
+        scores = np.full(n, np.nan, np.float32)
+        if scored.any():
+            distance = self.params.min_distance(codes[scored], memory.codes[scored],
+                                                memory.present[scored])
+            scores[scored] = self.params.score(distance)
+        new = int((clear & ~memory.known).sum())
+        work.score.values["change_cells"] = float(scored.sum())
+        work.score.values["change_new_cells"] = float(new)
+        if scored.any():
+            best = float(np.max(scores[scored]))
+            work.score.values["change"] = best
+            work.score.reasons.append(f"change: {best:.2f} (max over {int(scored.sum())} "
+                                      f"cells; {new} new)")
+            coded = np.where(scored, np.round(scores * 254), NO_SCORE).astype(np.uint8)
+            layer[: plan.rows * c, : plan.cols * c] = np.repeat(
+                np.repeat(coded.reshape(plan.rows, plan.cols), c, axis=0), c, axis=1)
+        elif new:
+            work.score.reasons.append(f"change: new place ({new} clear cells, no reference)")
+        else:
+            work.score.reasons.append("change: no clear cell to score")
+        self.store.stage(acquisition, work.frame.acquired, keys, codes, clear)
+        if self.collect is not None:
+            self.collect.append(CellResult(keys, scores))
+
+    # -- the end of an acquisition ---------------------------------------------------------------
+
+    def end_acquisition(self, acquisition: str) -> None:
+        """Commit ``acquisition``'s clear cells to the store, once per acquisition id."""
+        result = self.store.commit(acquisition)
+        if self.telemetry is not None:
+            self.telemetry.emit("reference_commit", acquisition=acquisition,
+                                committed=result.committed, places_added=result.places_added,
+                                references_added=result.references_added,
+                                evicted_regions=result.evicted_regions,
+                                evicted_places=result.evicted_places, bytes=result.bytes,
+                                places=self.store.places)
+
+
+def _latent_output(manifest: Manifest, where: str) -> str:
+    vectors = [o for o in manifest.outputs if o.kind == "vector" and o.cell_size]
+    if len(vectors) != 1:
+        raise ConfigError(f"{where}: the change stage needs exactly one per-cell vector output "
+                          f"(kind 'vector' with a cell_size), found {len(vectors)}")
+    return vectors[0].name
+
+
+def build_change_stage(config: ChangeConfig, context: StageContext) -> ChangeStage:
+    engine = open_engine(config.bundle, config.backend, config.device, threads=config.threads,
+                         batch_size=config.batch, fallback=config.golden,
+                         telemetry=context.telemetry)
+    try:
+        return change_stage(engine, config.store or context.state_dir / "reference",
+                            k=config.k, min_clear_fraction=config.min_clear_fraction,
+                            budget_bytes=config.store_budget_bytes, telemetry=context.telemetry,
+                            radiometric_offset=context.radiometric_offset)
+    except BaseException:
+        engine.close()
+        raise
+
+
+def change_stage(engine: Engine, store_path: Path, *, k: int = 3,
+                 min_clear_fraction: float = 0.95, budget_bytes: int = 256 * 2**20,
+                 telemetry: Telemetry | None = None, radiometric_offset: float = 0.0
+                 ) -> ChangeStage:
+    """The stage over an open encoder ``engine`` and the store at ``store_path``."""
+    manifest = engine.manifest
+    where = str(engine.bundle.path)
+    if manifest.task != "change":
+        raise ConfigError(f"{where}: the change stage needs a change bundle, got task "
+                          f"{manifest.task!r}")
+    params = ChangeParams.from_manifest(manifest, where)
+    output = next(o for o in manifest.outputs if o.name == _latent_output(manifest, where))
+    if output.cell_size != params.cell_size:
+        raise ConfigError(f"{where}: output {output.name!r} has cell_size {output.cell_size} "
+                          f"but extra.change.cell_size is {params.cell_size}")
+    expected = float(getattr(engine.input_spec, "radiometric_offset", 0.0))
+    if expected != radiometric_offset:
+        raise ConfigError(
+            f"{where}: the bundle expects input with a radiometric offset of {expected:g} DN but "
+            f"the source states {radiometric_offset:g} DN; refusing to guess")
+    # The golden bundle may differ in precision, never in what its codes mean.
+    store = ReferenceStore(store_path, dim=output.channels, k=k,
+                           model=f"{manifest.name}@{manifest.version}",
+                           budget_bytes=budget_bytes, cell_px=params.cell_size)
+    return ChangeStage(engine, store, params, min_clear_fraction, telemetry)
+
+
+register_stage("change", ChangeConfig, build_change_stage, order=20)
+
+
+# -- onboard predict BUNDLE --reference DATE1 INPUT ----------------------------------------------
+
+
+@dataclass
+class ChangeRaster:
+    """Change score per place of the store's grid over a scene: float32 (rows, cols), NaN where
+    a place has no score, north up, one pixel per cell."""
+
+    scores: np.ndarray
+    georef: Georef
+    scored: int  # places with a score
+    unscored: int  # places of the input without one (new, cloudy or partial)
+
+
+def change_raster(engine: Engine, reference: Any, scene: Any, *, tile: int = 256,
+                  halo: int = 0, batch: int = 8, min_clear_fraction: float = 0.95,
+                  store_path: Path | None = None,
+                  progress: Callable[[str, int, int], None] | None = None) -> ChangeRaster:
+    """Score ``scene`` against ``reference`` (two :class:`~onboard.runtime.sources.base.Scene`
+    objects): the reference's clear cells are committed to a store (a temporary one unless
+    ``store_path``), then the scene's cells are scored against it. Without a cloud stage, a
+    cell is clear when ``min_clear_fraction`` of its pixels are valid. Windows of ``tile``
+    pixels with no halo by default: each window encoded on its own, as the change model is
+    evaluated."""
+    folder = Path(store_path) if store_path else Path(tempfile.mkdtemp(prefix="onboard-ref-"))
+    try:
+        stage = change_stage(engine, folder, k=1, min_clear_fraction=min_clear_fraction)
+        stage.check_tiling(tile, halo)
+        for index, current in enumerate((reference, scene)):
+            acquisition = f"{'reference' if index == 0 else 'input'}-{current.source_id}"
+            if index == 1:
+                stage.collect = []
+            grid = CoreGrid(current.height, current.width, tile, halo)
+            placements = list(grid)
+            for start in range(0, len(placements), batch):
+                works = []
+                for placement in placements[start:start + batch]:
+                    core = placement.core
+                    score = TileScore(f"{acquisition}/{core.row_off}_{core.col_off}",
+                                      acquisition,
+                                      (core.row_off, core.col_off, core.height, core.width))
+                    frame = current.read(placement.window, stage.bands)
+                    works.append(TileWork(score, frame, core.relative_to(placement.window)))
+                stage.process(works)
+                if progress is not None:
+                    progress(acquisition, min(start + batch, len(placements)), len(placements))
+            stage.end_acquisition(acquisition)
+        cells = stage.collect or []
+        return _raster(stage.store, cells)
+    finally:
+        if store_path is None:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(folder)
+
+
+def _raster(store: ReferenceStore, cells: list[CellResult]) -> ChangeRaster:
+    if not cells:
+        raise GeoreferenceError(None, "no cell of the input could be placed on the reference's "
+                                      "grid")
+    grid_ids = np.concatenate([c.keys.grid for c in cells])
+    gx = np.concatenate([c.keys.gx for c in cells])
+    gy = np.concatenate([c.keys.gy for c in cells])
+    scores = np.concatenate([c.scores for c in cells])
+    # The input has one resolution, so one grid; the most common one wins if not.
+    grid_id = int(np.bincount(grid_ids).argmax())
+    on = grid_ids == grid_id
+    gx, gy, scores = gx[on], gy[on], scores[on]
+    grid = store.grids[grid_id]
+    x0, y1 = int(gx.min()), int(gy.max())
+    out = np.full((y1 - int(gy.min()) + 1, int(gx.max()) - x0 + 1), np.nan, np.float32)
+    out[y1 - gy, gx - x0] = scores
+    crs = CRS.from_epsg(int(grid.crs[5:])) if grid.crs.startswith("EPSG:") else None
+    transform = Affine(grid.cell_x, 0.0, x0 * grid.cell_x, 0.0, -grid.cell_y,
+                       (y1 + 1) * grid.cell_y)
+    return ChangeRaster(out, Georef(crs, transform), int(np.isfinite(scores).sum()),
+                        int(np.isnan(scores).sum()))
