@@ -28,6 +28,13 @@ from onboard.runtime.windows import Window
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _CACHE_BYTES = 64 * 2**20
 
+# What a scene may declare before any pixel is read. A header is a few bytes anyone can change:
+# without these limits a 1 KB file declaring 100 000 × 100 000 px is believed, and the reader,
+# the stitched product and its preview are sized from it until the kernel kills the process.
+MAX_SCENE_PIXELS = 2**30  # per band: 32 768 × 32 768 px (a Sentinel-2 tile is 10 980²)
+MAX_BANDS = 1024  # hyperspectral imagers have a few hundred
+MAX_SEGMENT_BYTES = 256 * 2**20  # one strip or tile, decoded: what one read may allocate
+
 
 class GeoTiffScene:
     """One GeoTIFF holding all bands of a scene (chunky or planar, tiled or striped).
@@ -42,10 +49,12 @@ class GeoTiffScene:
         bands: list[str] | None = None,
         nodata: float | None = None,
         acquired: datetime | None = None,
+        max_pixels: int = MAX_SCENE_PIXELS,
     ) -> None:
         self.path = Path(path)
         self.source_id = str(self.path)
         self.nodata = nodata
+        self.max_pixels = max_pixels
         self._tif = _open_tiff(self.path)
         try:
             self._init_layout()
@@ -57,39 +66,105 @@ class GeoTiffScene:
         self._cache_bytes = 0
 
     def _init_layout(self) -> None:
+        # Malformed tags come out of tifffile as whatever its parsing hit (TypeError, zip
+        # length mismatches...): each is a damaged file, never a traceback.
+        try:
+            self._check_layout()
+        except SceneError:
+            raise
+        except Exception as error:
+            raise CorruptTiffError(
+                self.path, f"malformed image layout tags: {type(error).__name__}: {error}"
+            ) from error
+
+    def _check_layout(self) -> None:
         page = self._tif.pages.first
         self._page = page
-        planes, depth, length, width, samples = page.shaped
+        planes, depth, length, width, samples = (int(v) for v in page.shaped)
         if depth != 1:
             raise SceneError(self.path, f"volumetric TIFFs (depth {depth}) are not scenes")
+        if length <= 0 or width <= 0 or planes <= 0 or samples <= 0:
+            raise CorruptTiffError(self.path, f"declares an empty image ({width} × {length} px, "
+                                              f"{planes * samples} bands)")
+        if page.dtype is None:
+            raise CorruptTiffError(self.path, f"unsupported sample format "
+                                              f"({page.bitspersample} bits per sample)")
+        size = os.path.getsize(self.path)
+        self._check_declared_size(length, width, planes * samples, page.dtype, size)
         if page.compression != 1:
             try:
                 page.decode  # noqa: B018 - raises here if the codec is not available
             except Exception as error:  # tifffile raises several types for this
                 raise CorruptTiffError(self.path, f"cannot decode: {error}") from error
-        self.height, self.width = int(length), int(width)
-        self.count = int(planes * samples)
+        self.height, self.width = length, width
+        self.count = planes * samples
         self.dtype = page.dtype
         self._planar = planes > 1
         if page.is_tiled:
             self._seg_h, self._seg_w = int(page.tilelength), int(page.tilewidth)
         else:
-            self._seg_h, self._seg_w = min(int(page.rowsperstrip), self.height), self.width
+            rows = int(page.rowsperstrip)
+            if rows <= 0:
+                raise CorruptTiffError(self.path, f"RowsPerStrip is {rows}: strips must hold "
+                                                  "at least one row")
+            self._seg_h, self._seg_w = min(rows, self.height), self.width
+        if self._seg_h <= 0 or self._seg_w <= 0:
+            raise CorruptTiffError(
+                self.path, f"segments of {self._seg_w} × {self._seg_h} px hold no pixels")
+        seg_bytes = self._seg_h * self._seg_w * (1 if self._planar else self.count) \
+            * self.dtype.itemsize
+        if seg_bytes > MAX_SEGMENT_BYTES:
+            raise SceneError(
+                self.path, f"one {'tile' if page.is_tiled else 'strip'} of {self._seg_w} × "
+                           f"{self._seg_h} px decodes to {_size(seg_bytes)}, more than the "
+                           f"{_size(MAX_SEGMENT_BYTES)} a read may allocate")
         self._down = math.ceil(self.height / self._seg_h)
         self._across = math.ceil(self.width / self._seg_w)
         offsets, counts = page.dataoffsets, page.databytecounts
         expected = (planes if self._planar else 1) * self._down * self._across
-        if len(offsets) != expected:
+        if len(offsets) != expected or len(counts) != expected:
             raise CorruptTiffError(
-                self.path, f"{len(offsets)} data segments where the layout needs {expected}"
+                self.path, f"{len(offsets)} data segments and {len(counts)} byte counts where "
+                           f"the layout needs {expected}"
             )
-        size = os.path.getsize(self.path)
         ends = [o + c for o, c in zip(offsets, counts, strict=True) if c]
         if ends and max(ends) > size:
             raise CorruptTiffError(
                 self.path,
                 f"truncated: image data runs to byte {max(ends)} but the file has {size} bytes",
             )
+        if page.compression == 1:
+            self._check_uncompressed_counts(counts)
+
+    def _check_declared_size(self, height: int, width: int, bands: int, dtype: np.dtype,
+                             size: int) -> None:
+        """Refuse a header whose image cannot be what the file holds, before any allocation."""
+        pixels = height * width
+        declared = pixels * bands * np.dtype(dtype).itemsize
+        claim = f"declares {width} × {height} px × {bands} band(s) ({_size(declared)} of " \
+                f"pixels) in a {_size(size)} file"
+        if pixels > self.max_pixels:
+            raise SceneError(self.path, f"implausible image size: {claim}; the limit is "
+                                        f"{self.max_pixels:,} px per band")
+        if bands > MAX_BANDS:
+            raise SceneError(self.path, f"implausible image size: {claim}; the limit is "
+                                        f"{MAX_BANDS} bands")
+
+    def _check_uncompressed_counts(self, counts: Any) -> None:
+        """Uncompressed segments hold every byte they decode to (sparse ones hold none)."""
+        samples = 1 if self._planar else self.count
+        for index, count in enumerate(counts):
+            if not count:
+                continue
+            row = (index % (self._down * self._across)) // self._across
+            rows = self._seg_h if self._page.is_tiled else \
+                min(self._seg_h, self.height - row * self._seg_h)
+            needed = rows * self._seg_w * samples * self.dtype.itemsize
+            if count < needed:
+                raise CorruptTiffError(
+                    self.path, f"implausible image size: uncompressed segment {index} stores "
+                               f"{count} bytes but the declared {self.width} × {self.height} px "
+                               f"image needs {needed}")
 
     def _init_metadata(self, bands: list[str] | None, acquired: datetime | None) -> None:
         page = self._page
@@ -202,13 +277,32 @@ class GeoTiffScene:
                 ) from error
             if decoded is None:
                 raise CorruptTiffError(self.path, f"segment {index} decoded to nothing")
-            seg = decoded.reshape(shape[1:])  # drop depth: (length, width, samples)
+            try:
+                seg = decoded.reshape(shape[1:])  # drop depth: (length, width, samples)
+            except ValueError as error:
+                raise CorruptTiffError(
+                    self.path, f"segment {index} decoded to {decoded.size} values where its "
+                               f"shape {shape} needs {math.prod(shape)}") from error
+            row = (index % (self._down * self._across)) // self._across
+            rows = min(self._seg_h, self.height - row * self._seg_h)
+            if seg.shape[0] < rows or seg.shape[1] != self._seg_w or seg.shape[2] != samples \
+                    or seg.dtype != self.dtype:
+                raise CorruptTiffError(
+                    self.path, f"segment {index} decoded to {seg.shape} {seg.dtype}, not the "
+                               f"declared {rows} × {self._seg_w} px × {samples} {self.dtype}")
         self._cache[index] = seg
         self._cache_bytes += seg.nbytes
         while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
             self._cache_bytes -= old.nbytes
         return seg
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
 
 
 def _open_tiff(path: Path) -> tifffile.TiffFile:
