@@ -75,6 +75,13 @@ SCHEMA_1_OUTPUT_KINDS = ("classes", "values")
 INPUT_DTYPES = ("float32", "float16")
 LAYOUTS = ("NCHW",)
 MAX_LABEL = 255  # class maps are uint8
+# The sizes a manifest may declare. They are what the runtime allocates from (a batch of
+# tiles, the stitched output), so a manifest re-written with tile_size 100 000 must be refused
+# here, not by the kernel's out-of-memory killer; tile_size 1 is no model's.
+TILE_SIZE_RANGE = (8, 4096)  # pixels per tile edge
+MAX_BANDS = 1024  # per input
+MAX_CHANNELS = 4096  # per output (latent vectors included)
+MAX_SCALE_FACTOR = 8  # output grid / input grid (×8 super-resolution)
 # Schema 1 manifests do not name their tensors; these are the names they are read with.
 DEFAULT_INPUT_NAME = "input"
 DEFAULT_OUTPUT_NAME = "output"
@@ -359,10 +366,12 @@ def _name(data: dict[str, Any], where: str, default: str, fail: _Fail) -> str:
 
 
 def _positive_int(data: dict[str, Any], key: str, where: str, default: int | None,
-                  fail: _Fail, minimum: int = 1) -> int:
+                  fail: _Fail, minimum: int = 1, maximum: int | None = None) -> int:
     value = data.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum \
+            or (maximum is not None and value > maximum):
+        kind = f"an integer in [{minimum}, {maximum}]" if maximum is not None else \
+            "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise fail(f"{where}.{key} must be {kind}, got {value!r}")
     return value
 
@@ -373,6 +382,8 @@ def _input_from_dict(data: Any, where: str, version: int, fail: _Fail) -> InputS
     if not isinstance(bands, list) or not bands or not all(
             isinstance(b, str) and b for b in bands):
         raise fail(f"{where}.bands must be a non-empty list of band names")
+    if len(bands) > MAX_BANDS:
+        raise fail(f"{where}.bands lists {len(bands)} bands; at most {MAX_BANDS}")
     for key in ("scale", "offset"):
         values = data.get(key)
         if not isinstance(values, list) or len(values) != len(bands) or not all(
@@ -380,7 +391,7 @@ def _input_from_dict(data: Any, where: str, version: int, fail: _Fail) -> InputS
             raise fail(f"{where}.{key} must be {len(bands)} finite numbers, one per band")
     if any(v == 0 for v in data["scale"]):
         raise fail(f"{where}.scale must not be 0 (the band would be ignored)")
-    tile = _positive_int(data, "tile_size", where, None, fail)
+    tile = _positive_int(data, "tile_size", where, None, fail, *TILE_SIZE_RANGE)
     gsd = data.get("gsd_m")
     if not _finite_number(gsd) or gsd <= 0:
         raise fail(f"{where}.gsd_m must be a positive number, got {gsd!r}")
@@ -407,7 +418,7 @@ def _output_from_dict(data: Any, where: str, version: int, fail: _Fail) -> Outpu
     kind = data.get("kind")
     if kind not in kinds:
         raise fail(f"{where}.kind must be one of {kinds}, got {kind!r}")
-    channels = _positive_int(data, "channels", where, None, fail)
+    channels = _positive_int(data, "channels", where, None, fail, maximum=MAX_CHANNELS)
     if kind == "labels" and channels != 1:
         raise fail(f"{where}.channels must be 1 for kind 'labels' (one class index per "
                    f"pixel), got {channels}")
@@ -431,7 +442,7 @@ def _output_from_dict(data: Any, where: str, version: int, fail: _Fail) -> Outpu
         raise fail(f"{where}.classes must name the classes when {where}.kind is {kind!r}")
     if kind == "vector" and classes:
         raise fail(f"{where}.classes must be empty for kind 'vector'")
-    factor = _positive_int(data, "scale_factor", where, 1, fail)
+    factor = _positive_int(data, "scale_factor", where, 1, fail, maximum=MAX_SCALE_FACTOR)
     cell = _positive_int(data, "cell_size", where, 0, fail, minimum=0)
     if kind == "vector" and factor != 1:
         raise fail(f"{where}.scale_factor must be 1 for kind 'vector' (cell_size sets its grid)")

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from onboard.runtime.bundle.signature import TrustPolicy
 from onboard.runtime.downlink.products import write_geotiff
 from onboard.runtime.downlink.quicklook import write_mask_png
+from onboard.runtime.durability import remove_partials
 from onboard.runtime.engines import open_engine
-from onboard.runtime.errors import SceneError
+from onboard.runtime.errors import ConfigError, InvalidPixelsError, SceneError
 from onboard.runtime.georef import Georef
-from onboard.runtime.inference import NODATA_CLASS, Predictor
+from onboard.runtime.inference import NODATA_CLASS, Predictor, check_overlap, check_scale
 from onboard.runtime.sources.oscd import open_scene
 from onboard.runtime.telemetry import Telemetry
 
@@ -34,15 +36,21 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=int, default=16, help="tile overlap in pixels")
     parser.add_argument("--no-png", action="store_true", help="skip the PNG quick-look")
     parser.add_argument("--telemetry", type=Path, help="append JSON-lines telemetry here")
+    parser.add_argument("--trust", type=Path, action="append", default=[],
+                        help="only load the bundle if signed by this public key (file or "
+                             "folder of *.pub; repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_options(args)
     telemetry = Telemetry(args.telemetry) if args.telemetry else Telemetry()
     bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
     # A band folder names its bands by file; a GeoTIFF may need --bands to name them.
     scene = open_scene(args.input) if args.input.is_dir() else open_scene(args.input, bands)
     engine = open_engine(args.bundle, args.backend, args.device, threads=args.threads,
-                         batch_size=args.batch, telemetry=telemetry)
+                         batch_size=args.batch, telemetry=telemetry,
+                         trust=TrustPolicy.trusting(*args.trust) if args.trust else None)
+    check_overlap(args.overlap, engine.input_spec.tile_size, "--overlap")
     predictor = Predictor(engine, scale=args.scale)
     errors: list[SceneError] = []
 
@@ -55,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         telemetry.emit("tile_error", error=type(error).__name__, message=str(error))
         print(f"onboard predict: warning: {error}", file=sys.stderr)
     spec = engine.output_spec
+    nodata = _check_outputs(predictor, product, args, telemetry)
     georef = scene.georef
     if georef is not None and spec.scale_factor != 1:
         georef = Georef(georef.crs, georef.transform.scaled(spec.scale_factor))
@@ -65,8 +74,12 @@ def run(args: argparse.Namespace) -> int:
                   extra={"bundle": engine.manifest.name, "bundle_version": engine.manifest.version,
                          "bundle_sha256": engine.bundle.sha256,
                          "classes": {str(k): v for k, v in spec.classes.items()},
-                         "nodata_class": NODATA_CLASS if classes else None})
-    summary = {"out": str(args.out), "tiles_failed": len(errors)}
+                         "nodata_class": NODATA_CLASS if classes else None,
+                         "nodata_fraction": round(nodata, 6),
+                         "nonfinite_output_tiles": predictor.checked.tiles})
+    summary = {"out": str(args.out), "tiles_failed": len(errors),
+               "nodata_fraction": round(nodata, 4),
+               "nonfinite_output_tiles": predictor.checked.tiles}
     if classes:
         mask = product[0]
         known = mask != NODATA_CLASS
@@ -82,3 +95,46 @@ def run(args: argparse.Namespace) -> int:
         print(f"{key}: {value}")
     engine.close()
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse what cannot give a trustworthy answer before anything is opened or written."""
+    check_scale(args.scale, "--scale")
+    if not 1 <= args.batch <= 1024:
+        raise ConfigError(f"--batch must be in [1, 1024] tiles, got {args.batch}")
+    if args.threads is not None and not 1 <= args.threads <= 256:
+        raise ConfigError(f"--threads must be in [1, 256], got {args.threads}")
+    if args.overlap < 0:
+        raise ConfigError(f"--overlap must be 0 or more pixels, got {args.overlap}")
+    if args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: is a folder; give the output GeoTIFF's path")
+    for folder in args.out.parents:  # the first that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"--out {args.out}: {folder} is a file, not a folder")
+            break
+    remove_partials(args.out.parent)  # what a killed earlier run left half-written
+
+
+def _check_outputs(predictor: Predictor, product: np.ndarray, args: argparse.Namespace,
+                   telemetry: Telemetry) -> float:
+    """The product's no-data fraction; warns of non-finite model output and refuses a product
+    with no usable pixel at all (a mask of nothing but no data is not an answer)."""
+    classes = product.dtype == np.uint8
+    known = product[0] != NODATA_CLASS if classes else np.isfinite(product).all(axis=0)
+    nodata = 1.0 - float(known.mean())
+    checked = predictor.checked
+    if checked.tiles:
+        telemetry.emit("nonfinite_output", tiles=checked.tiles, pixels=checked.pixels,
+                       tile_ids=checked.tile_ids, nodata_fraction=round(nodata, 6))
+        print(f"onboard predict: warning: the model's output was not finite (NaN or infinite) "
+              f"for {checked.pixels} pixels in {checked.tiles} tile(s); they are no data in the "
+              f"product", file=sys.stderr)
+    if not known.any():
+        telemetry.emit("predict_refused", reason="no usable pixel", nodata_fraction=1.0,
+                       nonfinite_output_tiles=checked.tiles)
+        why = "the model's output was not finite" if checked.tiles else \
+            "every input pixel is NaN, infinite, out of range, no data or saturated"
+        raise InvalidPixelsError(args.input, f"no usable pixel: {why}; nothing written to "
+                                             f"{args.out}")
+    return nodata
