@@ -137,3 +137,8 @@ class ProtocolError(OnboardError, ValueError):
         self.fatal = fatal
         where = f"{peer}: " if peer else ""
         super().__init__(f"{where}{problem}")
+
+
+class BundleSignatureError(BundleError):
+    """A bundle is not signed by a key this runtime trusts: unsigned where signatures are
+    required, signed by an unknown key, or its signature does not verify (changed or forged)."""

@@ -6,12 +6,14 @@
 """
 
 from onboard.runtime.bundle.container import (
+    SIGNATURE,
     SUFFIX,
     TRAILER_PREFIX,
     TRAILER_SIZE,
     Bundle,
     is_bundle,
     write_bundle,
+    write_signed,
 )
 from onboard.runtime.bundle.manifest import (
     BACKENDS,
@@ -34,6 +36,6 @@ from onboard.runtime.bundle.manifest import (
 __all__ = [
     "BACKENDS", "DEFAULT_INPUT_NAME", "DEFAULT_OUTPUT_NAME", "INPUT_DTYPES", "LAYOUTS",
     "MANIFEST", "MAX_LABEL", "OUTPUT_KINDS", "PRECISIONS", "SCHEMA_1_OUTPUT_KINDS",
-    "SCHEMA_VERSION", "SUFFIX", "TASKS", "TRAILER_PREFIX", "TRAILER_SIZE", "Bundle",
-    "InputSpec", "Manifest", "OutputSpec", "is_bundle", "write_bundle",
+    "SCHEMA_VERSION", "SIGNATURE", "SUFFIX", "TASKS", "TRAILER_PREFIX", "TRAILER_SIZE", "Bundle",
+    "InputSpec", "Manifest", "OutputSpec", "is_bundle", "write_bundle", "write_signed",
 ]

@@ -9,6 +9,10 @@ which on orbit is worse than not running.
 
 Only the standard library is used, so a board can verify a bundle before any ML runtime loads.
 The manifest's schema is in :mod:`onboard.runtime.bundle.manifest`.
+
+A signed bundle also holds ``signature.json`` (after the manifest): a signature over the
+manifest's SHA-256, made and checked by :mod:`onboard.runtime.bundle.signature`. It is the one
+member the manifest does not list, because it signs the manifest; the trailer covers it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hashlib
 import os
 import shutil
 import zipfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -30,6 +35,8 @@ from onboard.runtime.errors import (
 )
 
 SUFFIX = ".onboard"
+SIGNATURE = "signature.json"  # the detached signature member of a signed bundle
+_MAX_SIGNATURE_BYTES = 4096
 # The archive comment: this prefix and 64 hex digits, the SHA-256 of all bytes before the
 # comment's two-byte length field. Fixed length, so a damaged length field is noticed too.
 TRAILER_PREFIX = b"onboard-bundle sha256:"
@@ -41,18 +48,21 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 def write_bundle(path: str | Path, manifest: Manifest,
-                 members: dict[str, bytes | Path]) -> Path:
+                 members: dict[str, bytes | Path],
+                 signer: Callable[[str], bytes] | None = None) -> Path:
     """Write ``members`` and ``manifest`` as one bundle at ``path``, atomically.
 
     Fills ``manifest.files`` with each member's SHA-256 (and ``manifest.created`` if empty),
     refuses a manifest that does not validate or names an engine file that is not among the
-    members, and only replaces ``path`` once the whole file is written and synced.
+    members, and only replaces ``path`` once the whole file is written and synced. ``signer``
+    (e.g. :meth:`~onboard.runtime.bundle.signature.SigningKey.sign_manifest`) turns the
+    manifest's SHA-256 into the signature member.
     """
     path = Path(path)
     for name in members:
         _check_member_name(name, path)
-        if name == MANIFEST:
-            raise BundleFormatError(path, f"{MANIFEST} is written by write_bundle, not a member")
+        if name in (MANIFEST, SIGNATURE):
+            raise BundleFormatError(path, f"{name} is written by write_bundle, not a member")
     manifest.files = {name: _sha256_of(src) for name, src in sorted(members.items())}
     if not manifest.created:
         manifest.created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
@@ -60,11 +70,28 @@ def write_bundle(path: str | Path, manifest: Manifest,
     written = Manifest.from_json(text, path)
     _check_engines(written, set(members), path)
     manifest.schema_version = written.schema_version
+    signature = None if signer is None else signer(hashlib.sha256(text.encode()).hexdigest())
+    return _write_archive(path, text.encode(), signature, members)
 
+
+def write_signed(bundle: Bundle, signature: bytes, path: str | Path | None = None) -> Path:
+    """``bundle`` with ``signature`` as its signature member, at ``path`` (default: in place).
+
+    The manifest and every member are copied byte for byte (a manifest is not re-serialised:
+    its SHA-256 is what the signature signs)."""
+    members: dict[str, bytes | Path] = {name: bundle.read(name) for name in bundle.members}
+    return _write_archive(Path(path) if path is not None else bundle.path,
+                          bundle.manifest_bytes, signature, members)
+
+
+def _write_archive(path: Path, manifest: bytes, signature: bytes | None,
+                   members: dict[str, bytes | Path]) -> Path:
     # A failed or killed write leaves any previous bundle at ``path`` as it was.
     with atomic_path(path) as tmp, open(tmp, "w+b") as handle:
         with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
-            archive.writestr(zipfile.ZipInfo(MANIFEST, _ZIP_TIME), text.encode())
+            archive.writestr(zipfile.ZipInfo(MANIFEST, _ZIP_TIME), manifest)
+            if signature is not None:
+                archive.writestr(zipfile.ZipInfo(SIGNATURE, _ZIP_TIME), signature)
             for name in sorted(members):
                 _write_member(archive, name, members[name])
         _append_trailer(handle, path)
@@ -87,10 +114,17 @@ def is_bundle(path: str | Path) -> bool:
 class Bundle:
     """A verified bundle. Use :meth:`open`; every checksum is checked before it returns."""
 
-    def __init__(self, path: Path, manifest: Manifest, sha256: str) -> None:
+    def __init__(self, path: Path, manifest: Manifest, sha256: str,
+                 manifest_bytes: bytes = b"", signature: bytes | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.sha256 = sha256  # of the whole file
+        self.manifest_bytes = manifest_bytes  # as stored: what a signature signs
+        self.signature = signature  # the signature member, unparsed; None when unsigned
+
+    @property
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
 
     @classmethod
     def open(cls, path: str | Path) -> Bundle:
@@ -118,8 +152,10 @@ class Bundle:
                 raise BundleFormatError(path, f"no {MANIFEST} in the bundle")
             if len(set(names)) != len(names):
                 raise BundleFormatError(path, "a member name occurs twice")
-            manifest = Manifest.from_json(archive.read(MANIFEST), path)
-            members = set(names) - {MANIFEST}
+            manifest_bytes = archive.read(MANIFEST)
+            manifest = Manifest.from_json(manifest_bytes, path)
+            signature = _read_signature(archive, names, path)
+            members = set(names) - {MANIFEST, SIGNATURE}
             missing = sorted(set(manifest.files) - members)
             if missing:
                 raise BundleFormatError(
@@ -132,7 +168,7 @@ class Bundle:
             _check_engines(manifest, members, path)
             for name in sorted(members):
                 _check_name_and_digest(archive, name, manifest.files[name], path)
-        return cls(path, manifest, whole)
+        return cls(path, manifest, whole, manifest_bytes, signature)
 
     @property
     def members(self) -> list[str]:
@@ -158,6 +194,8 @@ class Bundle:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST).write_text(self.manifest.to_json(), encoding="utf-8")
+        if self.signature is not None:
+            (directory / SIGNATURE).write_bytes(self.signature)
         for member in self.members:
             target = directory / member
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +208,19 @@ class Bundle:
 
 
 # -- checks ------------------------------------------------------------------------------------
+
+def _read_signature(archive: zipfile.ZipFile, names: list[str], path: Path) -> bytes | None:
+    if SIGNATURE not in names:
+        return None
+    info = archive.getinfo(SIGNATURE)
+    if info.file_size > _MAX_SIGNATURE_BYTES:
+        raise BundleFormatError(path, f"{SIGNATURE} holds {info.file_size} bytes; a signature "
+                                      f"has at most {_MAX_SIGNATURE_BYTES}")
+    try:
+        return archive.read(SIGNATURE)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
+        raise BundleChecksumError(path, f"member {SIGNATURE!r} is damaged: {error}") from error
+
 
 def _check_engines(manifest: Manifest, members: set[str], path: Path) -> None:
     for backend, member in manifest.engines.items():
@@ -286,7 +337,7 @@ def _diagnose(path: Path) -> str:
         except Exception:
             return f"member {MANIFEST!r} is damaged"
         for name in archive.namelist():
-            if name == MANIFEST:
+            if name in (MANIFEST, SIGNATURE):
                 continue
             try:
                 _check_name_and_digest(archive, name, manifest.files.get(name, ""), path)
