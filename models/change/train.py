@@ -8,12 +8,14 @@ OSCD label of the cell (changed when more than 1 % of its pixels changed) with b
 entropy. Unchanged cells are pulled together, changed ones pushed apart, and the per-date gains
 and offsets of :class:`PairSampler` teach that illumination and haze are not change.
 
-After training, on the training cities only (never the held-out ones), encoded window by window
-as on board:
+Every ``--val-every`` steps the encoder is scored (AUPRC of cells) on the validation city
+(aguasclaras, not trained on); the best checkpoint is kept. Then, encoded window by window as
+on board (never on a held-out city):
 
-* ``latent_scale``: the 99.99th percentile of |latent| / 127, the int8 step of the store;
+* ``latent_scale``: the 99.99th percentile of |latent| / 127 over the training cities, the int8
+  step of the store;
 * the calibration ``a``, ``b``: logistic regression of the cell label on the distance between
-  the int8-dequantised latents.
+  the int8-dequantised latents, on the validation city.
 
 Writes ``weights_{bands}band.pt`` (the encoder's state_dict) and ``calibration_{bands}band.json``
 beside this file. torch runs on one thread: the machine is shared.
@@ -68,18 +70,33 @@ def fit_logistic(d: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[f
     return float(w[0]), float(w[1])
 
 
-def calibrate(model: torch.nn.Module, cities: list[dataset.City], distance: str = "l2"
-              ) -> dict[str, Any]:
-    """Latent scale and logistic calibration from ``cities`` (the training cities)."""
-    model.eval()
+def _latent_pairs(model: torch.nn.Module, cities: list[dataset.City]
+                  ) -> list[tuple[np.ndarray, np.ndarray, Any]]:
     encode = encoder_fn(model)
-    pairs = [(dataset.run_tiled(encode, c.before), dataset.run_tiled(encode, c.after), c.cells)
-             for c in cities]
+    return [(dataset.run_tiled(encode, c.before), dataset.run_tiled(encode, c.after), c.cells)
+            for c in cities]
+
+
+def validation_auprc(model: torch.nn.Module, cities: list[dataset.City]) -> float:
+    from onboard.models.change.metrics import auprc
+
+    model.eval()
+    pairs = _latent_pairs(model, cities)
+    d = np.concatenate([cell_distance(a, b).ravel() for a, b, _ in pairs])
+    y = np.concatenate([np.asarray(t).ravel() for _, _, t in pairs])
+    return auprc(d, y)
+
+
+def calibrate(model: torch.nn.Module, training: list[dataset.City],
+              calibration: list[dataset.City], distance: str = "l2") -> dict[str, Any]:
+    """Latent scale from the ``training`` cities, logistic calibration on ``calibration``."""
+    model.eval()
     magnitudes = np.concatenate([np.abs(np.concatenate([a.ravel(), b.ravel()]))
-                                 for a, b, _ in pairs])
+                                 for a, b, _ in _latent_pairs(model, training)])
     scale = float(np.percentile(magnitudes, 99.99) / 127.0)
+    cities = calibration
     ds, ys = [], []
-    for a, b, y in pairs:
+    for a, b, y in _latent_pairs(model, calibration):
         qa, qb = dequantise(quantise(a, scale), scale), dequantise(quantise(b, scale), scale)
         ds.append(cell_distance(qa, qb, distance).ravel())
         ys.append(np.asarray(y).ravel())
@@ -91,11 +108,19 @@ def calibrate(model: torch.nn.Module, cities: list[dataset.City], distance: str 
 
 
 def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop: int = 128,
-          lr: float = 2e-3, seed: int = 0, log_every: int = 100) -> tuple[Any, dict[str, Any]]:
+          lr: float = 2e-3, seed: int = 0, log_every: int = 100, val_every: int = 250,
+          self_pairs: float = 0.0) -> tuple[Any, dict[str, Any]]:
+    import copy
+
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     cities = dataset.load_cities(data_root, dataset.TRAINING, bands)
-    sampler = dataset.PairSampler(cities, crop=crop, seed=seed)
+    validation = dataset.load_cities(data_root, dataset.CALIBRATION, bands)
+    best: tuple[float, int, dict[str, Any]] = (-1.0, 0, {})
+    history = []
+    extra = dataset.load_cities(data_root, dataset.UNLABELLED, bands) if self_pairs else []
+    sampler = dataset.PairSampler(cities, crop=crop, seed=seed, self_pairs=self_pairs,
+                                  extra_images=extra)
     model, head = build(bands), PairHead()
     params = list(model.parameters()) + list(head.parameters())
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -122,11 +147,22 @@ def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop:
             print(f"step {step} loss {running / log_every:.4f} a {float(head.a):.3f} "
                   f"b {float(head.b):.3f} {time.perf_counter() - started:.0f}s", flush=True)
             running = 0.0
+        if step % val_every == 0 or step == steps:
+            score = validation_auprc(model, validation)
+            history.append({"step": step, "validation_auprc": round(score, 4)})
+            print(f"step {step} validation AUPRC {score:.4f}", flush=True)
+            if score > best[0]:
+                best = (score, step, copy.deepcopy(model.state_dict()))
+            model.train()
+    model.load_state_dict(best[2])
     model.eval()
-    info = calibrate(model, cities)
-    info.update({"bands": bands, "steps": steps, "batch": batch, "crop": crop, "lr": lr,
+    info = calibrate(model, cities, validation)
+    info.update({"bands": bands, "steps": steps, "best_step": best[1],
+                 "validation_auprc": best[0], "validation_history": history,
+                 "batch": batch, "crop": crop, "lr": lr, "self_pairs": self_pairs,
                  "seed": seed, "train_seconds": round(time.perf_counter() - started, 1),
-                 "training_cities": list(dataset.TRAINING), "heldout_cities":
+                 "training_cities": list(dataset.TRAINING),
+                 "validation_cities": list(dataset.CALIBRATION), "heldout_cities":
                  list(dataset.HELDOUT)})
     return model, info
 
@@ -139,11 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--self-pairs", type=float, default=0.0,
+                        help="share of pairs that are one image against itself (unchanged)")
     parser.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data")
     parser.add_argument("--out", type=Path, default=None, help="folder (default: beside here)")
     args = parser.parse_args(argv)
     model, info = train(args.bands, args.data, args.steps, args.batch, args.crop, args.lr,
-                        args.seed)
+                        args.seed, self_pairs=args.self_pairs)
     out = args.out or HERE
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / weights_path(args.bands).name)
