@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("onboard.runtime.cli.info", "describe a scene, an OSCD city folder or a bundle"),
     "predict": ("onboard.runtime.cli.predict", "run one bundle over one scene, tile by tile"),
     "compile": ("onboard.runtime.cli.compile", "prune, quantise, verify a model into a bundle"),
+    "replay": ("onboard.runtime.cli.replay", "ground: the flight pipeline over an archive on "
+               "Dask, places in parallel, then every pass planned"),
     "ground": ("onboard.runtime.cli.ground", "the ground side of the CFDP downlink: receive, "
                "verify, store once, decode telemetry"),
     "sign": ("onboard.runtime.cli.sign", "sign bundles with an Ed25519 key, make keys, check"),
