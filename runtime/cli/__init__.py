@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "verify, store once, decode telemetry"),
     "sign": ("onboard.runtime.cli.sign", "sign bundles with an Ed25519 key, make keys, check"),
     "serve": ("onboard.runtime.cli.serve", "score frames received over TCP (hardware-in-loop)"),
+    "uplink": ("onboard.runtime.cli.uplink", "stage, verify, activate and roll back uplinked "
+               "bundles and configs"),
 }
 
 
