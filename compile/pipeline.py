@@ -257,8 +257,10 @@ class _Steps:
             self.tile = np.ascontiguousarray(tiles[:1])
         else:
             self.tile = np.ascontiguousarray(validation[0][0][:1])
-        # Validation tiles of another size need a graph with free height and width.
-        self.dynamic_size = any(x.shape[2:] != self.tile.shape[2:] for x, _ in validation)
+        # Validation tiles of another size need a graph with free height and width; a zoo entry
+        # may ask for one too (an encoder whose windows carry a halo on board).
+        self.dynamic_size = bool(zoo.extra.get("dynamic_size")) or any(
+            x.shape[2:] != self.tile.shape[2:] for x, _ in validation)
 
     def add(self, step: str, engine: str, precision: str, run: runners.Runner, params: int,
             macs: int, size: int, gated: bool = True, notes: str = "",

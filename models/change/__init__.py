@@ -146,7 +146,7 @@ for _bands in (13, 4):
         metric=partial(metric, bands=_bands),
         card=HERE / "card.md",
         extra={"heldout": "OSCD beihai, bordeaux, nantes",
-               "output_name": "latent", "cell_size": CELL,
+               "output_name": "latent", "cell_size": CELL, "dynamic_size": True,
                "output_description": f"one latent per {CELL} x {CELL} cell; change = calibrated "
                                      "min distance to the last K references",
                "manifest_extra": partial(manifest_extra, _bands)},
