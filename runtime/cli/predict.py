@@ -36,6 +36,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=int, default=16, help="tile overlap in pixels")
     parser.add_argument("--no-png", action="store_true", help="skip the PNG quick-look")
     parser.add_argument("--telemetry", type=Path, help="append JSON-lines telemetry here")
+    parser.add_argument("--reference", type=Path,
+                        help="change bundles: the earlier scene (GeoTIFF or band folder) INPUT "
+                             "is scored against; writes one float32 score per 32-px cell")
     parser.add_argument("--trust", type=Path, action="append", default=[],
                         help="only load the bundle if signed by this public key (file or "
                              "folder of *.pub; repeatable)")
@@ -43,6 +46,10 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_options(args)
+    if args.reference is not None:  # change: a score per cell against an earlier scene
+        from onboard.runtime.stages import change
+
+        return change.predict(args)
     telemetry = Telemetry(args.telemetry) if args.telemetry else Telemetry()
     bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
     # A band folder names its bands by file; a GeoTIFF may need --bands to name them.

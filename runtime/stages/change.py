@@ -5,10 +5,12 @@ The bundle is an encoder (task ``change``): one input, one ``vector`` output wit
 32, a latent per cell, and ``manifest.extra["change"]`` = ``{"distance": "l2" | "cosine",
 "latent_scale": s, "calibration": {"a", "b"}, "cell_size": 32}``. Per tile:
 
-- The encoder runs on the tile's core cells with as much of the halo as lies in whole cells
-  around them (none with a halo under 32 px), so the cell grid is the core's and the model's
-  context is never a fraction of a cell. Cores are multiples of 32 px (the tile size must be; a
-  scene's last row and column of tiles may be narrower, and their partial cells are skipped).
+- The encoder runs on a window whose cell grid is the core's: the core's whole cells, the
+  frame's context around them (the halo), and zeros (the mean input, as the model's own
+  padding) to fill the context to whole cells or to the compiled size of a model with a fixed
+  input (a 256 × 256 bundle on 32 px tiles sees each tile and its halo in the middle of a
+  window of zeros). Cores are whole cells (the tile size must be a multiple of 32; a scene's
+  last row and column of tiles may be narrower, and their partial cells are skipped).
 - Latents are quantised to the store's int8 codes, ``q = clip(round(z / s), -127, 127)``, and
   the distance is measured between codes (dequantised), so a score does not depend on whether a
   latent came from the engine or the store. A cell's score is ``sigmoid(a × d + b)`` of its
@@ -145,13 +147,28 @@ class CellResult:
 
 @dataclass
 class _Plan:
-    """Where a tile's cells lie: the crop fed to the encoder and the core's cells in it."""
+    """Where a tile's cells lie in the encoder's input: a window of the frame (``window``, in
+    the frame's coordinates; it may reach past the frame, which reads as zeros) whose cell grid
+    is the core's, and the core's first cell in it."""
 
     work: TileWork
-    crop: Window  # in the frame's coordinates, a multiple of the cell on each side
+    window: Window
     rows: int  # whole cells of the core
     cols: int
-    first: tuple[int, int]  # the core's first cell in the crop's cell grid
+    first: tuple[int, int]
+
+
+def _context(available: int, other: int, spare: int | None, cell: int) -> int:
+    """Pixels of context before the core along one axis, a whole number of cells: all there is
+    (rounded up to a cell; the rest of that cell is zeros), or, for a model of fixed size,
+    ``spare`` pixels shared with the other side (``other``: what lies after the core)."""
+    want = -(-available // cell) * cell
+    if spare is None:
+        return want
+    after = -(-other // cell) * cell
+    if want + after <= spare:
+        return min(want, spare)
+    return min(want, max(spare - after, spare // 2 // cell * cell))
 
 
 class ChangeStage:
@@ -194,36 +211,57 @@ class ChangeStage:
         if not rows or not cols:
             return None
         fh, fw = work.frame.shape
-        # Context in whole cells only, so the crop's cell grid is the core's.
-        top = core.row_off // c * c
-        left = core.col_off // c * c
-        bottom = (fh - core.row_off - rows * c) // c * c
-        right = (fw - core.col_off - cols * c) // c * c
-        crop = Window(core.row_off - top, core.col_off - left, top + rows * c + bottom,
-                      left + cols * c + right)
-        return _Plan(work, crop, rows, cols, (top // c, left // c))
+        below = fh - core.row_off - rows * c
+        after = fw - core.col_off - cols * c
+        fixed_h, fixed_w = self._model_size
+        spare_h = None if fixed_h is None else fixed_h - rows * c
+        spare_w = None if fixed_w is None else fixed_w - cols * c
+        if (spare_h is not None and spare_h < 0) or (spare_w is not None and spare_w < 0):
+            raise ConfigError(f"{self.engine.bundle.path}: the compiled model takes "
+                              f"{fixed_h}x{fixed_w} windows, smaller than the tile's "
+                              f"{rows * c}x{cols * c} px of whole cells")
+        top = _context(core.row_off, below, spare_h, c)
+        left = _context(core.col_off, after, spare_w, c)
+        height = rows * c + top + (_context(below, 0, None, c) if spare_h is None
+                                   else spare_h - top)
+        width = cols * c + left + (_context(after, 0, None, c) if spare_w is None
+                                   else spare_w - left)
+        window = Window(core.row_off - top, core.col_off - left, height, width)
+        return _Plan(work, window, rows, cols, (top // c, left // c))
+
+    @property
+    def _model_size(self) -> tuple[int | None, int | None]:
+        shape = self.engine.model_input_shapes.get(self.spec.name, ())
+        return (shape[2], shape[3]) if len(shape) == 4 else (None, None)
 
     def _encode(self, plans: list[_Plan]) -> list[np.ndarray]:
         """Latents (rows × cols, D) of each plan's core cells, float32."""
         out: list[np.ndarray | None] = [None] * len(plans)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, plan in enumerate(plans):
-            groups.setdefault((plan.crop.height, plan.crop.width), []).append(i)
+            groups.setdefault((plan.window.height, plan.window.width), []).append(i)
         for (h, w), members in groups.items():
-            x = np.empty((len(members), len(self.bands), h, w), np.float32)
+            x = np.zeros((len(members), len(self.bands), h, w), np.float32)
             for slot, i in enumerate(members):
-                frame = plans[i].work.frame.select(list(self.bands))
-                pixels = frame.pixels[(slice(None), *plans[i].crop.slices)]
-                x[slot] = self.spec.normalise(pixels)
+                plan = plans[i]
+                frame = plan.work.frame.select(list(self.bands))
+                fh, fw = frame.shape
+                # The part of the window inside the frame; the rest stays 0 (the mean input).
+                r0, c0 = max(plan.window.row_off, 0), max(plan.window.col_off, 0)
+                r1 = min(plan.window.row_off + h, fh)
+                c1 = min(plan.window.col_off + w, fw)
+                target = x[slot][:, r0 - plan.window.row_off:r1 - plan.window.row_off,
+                                 c0 - plan.window.col_off:c1 - plan.window.col_off]
+                target[:] = self.spec.normalise(frame.pixels[:, r0:r1, c0:c1])
                 if frame.valid is not None:
-                    valid = frame.valid[plans[i].crop.slices]
+                    valid = frame.valid[r0:r1, c0:c1]
                     if not valid.all():
-                        x[slot][:, ~valid] = 0.0  # NaNs would poison whole convolution windows
+                        target[:, ~valid] = 0.0  # NaNs would poison whole convolution windows
             z = self.engine.run_named({self.spec.name: x})[self.output]
             for slot, i in enumerate(members):
                 plan = plans[i]
-                r0, c0 = plan.first
-                cells = z[slot][:, r0:r0 + plan.rows, c0:c0 + plan.cols]
+                r, c = plan.first
+                cells = z[slot][:, r:r + plan.rows, c:c + plan.cols]
                 out[i] = cells.reshape(cells.shape[0], -1).T
         return [z for z in out if z is not None]
 
@@ -461,3 +499,88 @@ def _raster(store: ReferenceStore, cells: list[CellResult]) -> ChangeRaster:
                        (y1 + 1) * grid.cell_y)
     return ChangeRaster(out, Georef(crs, transform), int(np.isfinite(scores).sum()),
                         int(np.isnan(scores).sum()))
+
+
+def predict(args: Any) -> int:
+    """``onboard predict CHANGE_BUNDLE --reference DATE1 INPUT --out SCORES.tif``: the change
+    score of every 32-px cell of INPUT against the clear cells of DATE1, one float32 pixel per
+    cell on the store's grid (NaN: no score), with a PNG quick-look beside it.
+
+    DATE1 and INPUT are GeoTIFFs (``--bands`` names their bands) or OSCD-style band folders;
+    two band folders are read on DATE1's 10 m grid, as the pipeline reads an OSCD pair.
+    """
+    import sys
+
+    from onboard.runtime.downlink.products import write_geotiff
+    from onboard.runtime.downlink.quicklook import colormap
+    from onboard.runtime.png import write_png
+    from onboard.runtime.sources.geotiff import GeoTiffScene
+    from onboard.runtime.sources.oscd import OscdScene
+
+    telemetry = Telemetry(args.telemetry) if getattr(args, "telemetry", None) else Telemetry()
+    options: dict[str, Any] = {}
+    if getattr(args, "trust", None):
+        from onboard.runtime.bundle.signature import TrustPolicy
+
+        options["trust"] = TrustPolicy.trusting(*args.trust)
+    engine = open_engine(args.bundle, args.backend, args.device, threads=args.threads,
+                         batch_size=args.batch, telemetry=telemetry, **options)
+    bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
+    scenes: list[Any] = []
+    try:
+        wanted = tuple(engine.input_spec.bands)
+        if args.reference.is_dir() and args.input.is_dir():
+            reference: Any = OscdScene(args.reference, _own_names(wanted))
+            scene: Any = OscdScene(args.input, _own_names(wanted), grid=reference.grid)
+        else:
+            reference = OscdScene(args.reference, _own_names(wanted)) \
+                if args.reference.is_dir() else GeoTiffScene(args.reference, bands=bands)
+            scene = OscdScene(args.input, _own_names(wanted)) if args.input.is_dir() \
+                else GeoTiffScene(args.input, bands=bands)
+        scenes = [reference, scene]
+
+        def progress(what: str, done: int, total: int) -> None:
+            if sys.stderr.isatty() or done == total:
+                print(f"\r{what.split('-')[0]}: tiles {done}/{total}",
+                      end="\n" if done == total else "", file=sys.stderr)
+
+        raster = change_raster(engine, reference, scene, batch=args.batch, progress=progress)
+    finally:
+        engine.close()
+        for opened in scenes:
+            close = getattr(opened, "close", None)
+            if close is not None:
+                close()
+    write_geotiff(args.out, raster.scores[None], ["change"], raster.georef,
+                  acquired=getattr(scene, "acquired", None), source_id=str(args.input),
+                  extra={"bundle": engine.manifest.name,
+                         "bundle_version": engine.manifest.version,
+                         "bundle_sha256": engine.bundle.sha256, "reference": str(args.reference),
+                         "nodata": "NaN: no score (new place, cloudy or partial cell)",
+                         "cell_px": raster_cell_px(engine)})
+    summary: dict[str, Any] = {"out": str(args.out), "cells_scored": raster.scored,
+                               "cells_without_score": raster.unscored}
+    if raster.scored:
+        finite = raster.scores[np.isfinite(raster.scores)]
+        summary.update(mean=round(float(finite.mean()), 4), max=round(float(finite.max()), 4),
+                       above_half=int((finite > 0.5).sum()))
+    if not args.no_png:
+        # One cell is 8 × 8 PNG pixels: a city is a few dozen cells across.
+        image = np.repeat(np.repeat(colormap(raster.scores, 0.0, 1.0), 8, axis=0), 8, axis=1)
+        summary["png"] = str(write_png(Path(args.out).with_suffix(".png"), image))
+    telemetry.emit("predict_done", **summary)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def raster_cell_px(engine: Engine) -> int:
+    return ChangeParams.from_manifest(engine.manifest, str(engine.bundle.path)).cell_size
+
+
+def _own_names(bands: tuple[str, ...]) -> tuple[str, ...]:
+    """Sentinel-2 names of a bundle's bands (own or unique common names), to open an OSCD band
+    folder with only what the encoder reads."""
+    from onboard.runtime.bands import sentinel2_band
+
+    return tuple(sentinel2_band(b).name for b in bands)
