@@ -1,0 +1,256 @@
+"""The change stage through the pipeline on the bundled Hong Kong sample: date 1 is new, date 2
+is scored against its clear cells; the stage's scores are the change model's own scoring rule;
+``onboard predict --reference`` writes the score raster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import pytest
+import tifffile
+
+from onboard.runtime import pipeline
+from onboard.runtime.bundle import InputSpec, Manifest, OutputSpec, write_bundle
+from onboard.runtime.config import config_from_dict
+from onboard.runtime.engines import open_engine
+from onboard.runtime.errors import ConfigError
+from onboard.runtime.georef import read_georef
+from onboard.runtime.sources.oscd import OscdScene
+from onboard.runtime.stages.change import NO_SCORE, change_raster
+from onboard.runtime.store.reference import ReferenceStore
+from onboard.runtime.telemetry import Telemetry
+
+REPO = Path(__file__).resolve().parents[1]
+CLOUD = REPO / "models" / "cloud" / "cloud-4band-int8-ort.onboard"
+CHANGE = REPO / "models" / "change" / "change-13band-int8-ort.onboard"
+CHANGE_GOLDEN = REPO / "models" / "change" / "change-13band-fp32-ort.onboard"
+
+
+def _sections(sample: Path, *, cloud: bool = True, change: Path = CHANGE, tile: int = 32,
+              halo: int = 16, **change_options) -> dict:
+    data = {"source": {"kind": "oscd", "paths": [str(sample)]},
+            "tiling": {"tile": tile, "halo": halo}, "buffer": {"batch": 16},
+            "change": {"bundle": str(change), "threads": 1, "batch": 16, **change_options}}
+    if cloud:
+        data["cloud"] = {"bundle": str(CLOUD), "threads": 1, "batch": 16,
+                         "gate": {"max_cloud_fraction": 0.6, "action": "demote"}}
+    return data
+
+
+def _toml(value: object) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+@pytest.fixture(scope="module")
+def sample_run(sample_pass, tmp_path_factory):
+    """``onboard.runtime.pipeline.run`` on a config with both [cloud] and [change]."""
+    folder = tmp_path_factory.mktemp("change-run")
+    lines = []
+    for name, table in _sections(sample_pass, golden=str(CHANGE_GOLDEN)).items():
+        flat = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in flat.items()]
+        for sub, inner in ((k, v) for k, v in table.items() if isinstance(v, dict)):
+            lines.append(f"[{name}.{sub}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in inner.items()]
+    lines += ["[[passes]]", "start = 2016-09-28T12:00:00Z", "duration_s = 60",
+              "bitrate_bps = 38400", "[[passes]]", "start = 2018-03-24T12:00:00Z",
+              "duration_s = 60", "bitrate_bps = 38400"]
+    config = folder / "onboard.toml"
+    config.write_text("\n".join(lines) + "\n")
+    out = folder / "out"
+    return pipeline.run(config, out), out
+
+
+def test_date_1_is_new_and_date_2_is_scored_against_its_clear_cells(sample_run):
+    result, _ = sample_run
+    first, second = result.acquisitions
+    assert all("change" not in s.values for s in first.scores)  # new: no fake score
+    new = [s.values["change_new_cells"] for s in first.scores]
+    assert sum(new) >= 30  # hazy date 1: some cells are not clear enough to keep
+    assert sum(new) < len(first.scores)
+    scored = [s for s in second.scores if "change" in s.values]
+    assert len(scored) == sum(new)  # date 2 (clear) meets every cell date 1 kept
+    assert all(0.0 <= s.values["change"] <= 1.0 for s in scored)
+    assert len({round(s.values["change"], 3) for s in scored}) > 10  # a ranking, not a constant
+    # The other clear cells of date 2 are new places: cloud never made them references.
+    assert all(s.values["change_new_cells"] == 1 for s in second.scores if s not in scored
+               and s.values["clear_fraction"] >= 0.95)
+
+
+def test_cloudy_cells_are_neither_scored_nor_kept(sample_run):
+    result, out = sample_run
+    first = result.acquisitions[0]
+    store = ReferenceStore(out / "state" / "reference", dim=32, k=3,
+                           model="change-13band@0.1.0")
+    assert store.places == sum(s.values["change_new_cells"] for s in first.scores) + sum(
+        s.values["change_new_cells"] for s in result.acquisitions[1].scores)
+    masks = {tile: np.frombuffer(imagecodecs.zstd_decode(blob["cloud"]), np.uint8)
+             for tile, blob in first.layers.items()}
+    for score in first.scores:
+        mask = masks.get(score.tile_id)
+        if mask is None:
+            continue
+        clear = (mask == 0).mean()
+        assert (score.values["change_new_cells"] == 1) == (clear >= 0.95), score.tile_id
+
+
+def test_the_change_layer_and_the_plan_carry_the_score(sample_run):
+    result, out = sample_run
+    second = result.acquisitions[1]
+    for score in second.scores:
+        layer = second.layers.get(score.tile_id, {}).get("change")
+        if layer is None:
+            continue
+        values = np.unique(np.frombuffer(imagecodecs.zstd_decode(layer), np.uint8))
+        if "change" in score.values:
+            assert values.tolist() == [round(254 * score.values["change"])]
+        else:
+            assert values.tolist() == [NO_SCORE]
+    rows = [json.loads(line) for line in (out / "plan-1.jsonl").read_text().splitlines()]
+    assert any("change 0." in r["value_reason"] or "change 1." in r["value_reason"]
+               for r in rows)
+    telemetry = [json.loads(line) for line in (out / "telemetry.jsonl").read_text().splitlines()]
+    commits = [r for r in telemetry if r["event"] == "reference_commit"]
+    assert [c["acquisition"][:17] for c in commits] == ["hongkong-20160927",
+                                                        "hongkong-20180323"]
+    assert all(c["committed"] for c in commits)
+
+
+def test_a_rerun_acquisition_commits_once_and_stays_new(sample_pass, tmp_path):
+    config = config_from_dict(_sections(sample_pass))
+    telemetry = Telemetry()
+    scorer = pipeline.Pipeline(config, telemetry, tmp_path / "state")
+    try:
+        first = next(iter(pipeline.iter_acquisitions(scorer.source, telemetry, [])))
+        once = scorer.score(first)
+        places = scorer.stages[1].store.places
+        again = scorer.score(first)  # a retried scene: its own references are not a memory
+        assert scorer.stages[1].store.places == places
+        assert all("change" not in s.values for s in again.scores)
+        assert [s.values["change_new_cells"] for s in again.scores] == \
+            [s.values["change_new_cells"] for s in once.scores]
+    finally:
+        scorer.close()
+
+
+def test_the_stages_scores_are_the_change_models_own_scoring(sample_pass):
+    """One 256-px window per date, no halo: the stage's per-cell scores equal the model
+    package's reference implementation (run_tiled latents, int8 memory, calibration)."""
+    scoring = pytest.importorskip("onboard.models.change.scoring")
+    dataset = pytest.importorskip("onboard.models.change.dataset")
+    engine = open_engine(CHANGE, threads=1, batch_size=4)
+    try:
+        bands = list(engine.input_spec.bands)
+        before = OscdScene(sample_pass / "imgs_1", tuple(bands))
+        after = OscdScene(sample_pass / "imgs_2", tuple(bands), grid=before.grid)
+        raster = change_raster(engine, before, after, tile=256, min_clear_fraction=0.95)
+
+        def latents(scene: OscdScene) -> np.ndarray:
+            from onboard.runtime.windows import Window
+
+            h, w = scene.height // 32 * 32, scene.width // 32 * 32
+            x = engine.input_spec.normalise(scene.read(Window(0, 0, h, w)).pixels)
+            return dataset.run_tiled(
+                lambda batch: engine.run_named({"input": batch})["latent"], x)
+
+        z1, z2 = latents(before), latents(after)
+        change = engine.manifest.extra["change"]
+        expected = scoring.memory_score(z2, [scoring.quantise(z1, change["latent_scale"])],
+                                        change)
+    finally:
+        engine.close()
+    assert raster.scores.shape == expected.shape == (8, 8)
+    assert raster.scored == 64
+    np.testing.assert_allclose(raster.scores, expected, atol=1e-5)
+    # North up, one pixel per cell.
+    assert raster.georef.transform.a == pytest.approx(32 * before.georef.transform.a, rel=1e-12)
+
+
+def _tiny_encoder(path: Path, dim: int = 8) -> Path:
+    """A real encoder with no context: one 32 × 32, stride-32 convolution (random weights), so
+    each cell's latent depends on its own pixels only."""
+    onnx = pytest.importorskip("onnx", reason="onnx builds the test encoder")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = (np.random.default_rng(0).standard_normal((dim, 4, 32, 32)) / 32).astype(
+        np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["latent"], kernel_shape=[32, 32],
+                          strides=[32, 32])], "tiny-encoder",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 4, "h", "w"])],
+        [helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["n", dim, "hc", "wc"])],
+        [numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    manifest = Manifest(
+        name="tiny-encoder", version="0.0.1", task="change",
+        inputs=[InputSpec(bands=["blue", "green", "red", "nir"], scale=[1e-4] * 4,
+                          offset=[0.0] * 4, tile_size=32, gsd_m=10.0, name="input")],
+        outputs=[OutputSpec(kind="vector", channels=dim, cell_size=32, name="latent")],
+        precision="fp32", engines={"onnxruntime": "model.onnx"},
+        extra={"change": {"distance": "cosine", "latent_scale": 0.002,
+                          "calibration": {"a": 10.0, "b": -2.0}, "cell_size": 32}})
+    return write_bundle(path, manifest, {"model.onnx": model.SerializeToString()})
+
+
+def test_cell_codes_do_not_depend_on_tile_size_or_halo(sample_pass, tmp_path):
+    """With an encoder of no context, every tiling must store the same code for each place:
+    the windows' cell grid is the cores', whatever the halo and the edge tiles' shift."""
+    bundle = _tiny_encoder(tmp_path / "tiny.onboard")
+    stores = []
+    for tile, halo in ((32, 16), (64, 32), (96, 0)):
+        config = config_from_dict(_sections(sample_pass, cloud=False, change=bundle, tile=tile,
+                                            halo=halo))
+        telemetry = Telemetry()
+        scorer = pipeline.Pipeline(config, telemetry, tmp_path / f"state-{tile}")
+        try:
+            first = next(iter(pipeline.iter_acquisitions(scorer.source, telemetry, [])))
+            scorer.score(first)
+            stores.append(scorer.stages[0].store)
+        finally:
+            scorer.close()
+    reference = stores[0]
+    keys = reference.keys(OscdScene(sample_pass / "imgs_1", ("B02",)).georef,
+                          *np.mgrid[0:8, 0:8][::-1].reshape(2, -1) * 32 + 16)
+    codes = reference.lookup(keys).codes[:, 0]
+    assert reference.places == 64 and np.abs(codes).max() > 10
+    for store in stores[1:]:
+        assert np.array_equal(store.lookup(keys).codes[:, 0], codes)
+
+
+def test_tiles_that_are_not_whole_cells_are_refused(sample_pass, tmp_path):
+    config = config_from_dict(_sections(sample_pass, tile=48))
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        pipeline.Pipeline(config, Telemetry(), tmp_path / "state")
+
+
+def test_a_cloud_bundle_is_not_a_change_bundle(sample_pass, tmp_path):
+    config = config_from_dict(_sections(sample_pass, change=CLOUD))
+    with pytest.raises(ConfigError, match="change bundle"):
+        pipeline.Pipeline(config, Telemetry(), tmp_path / "state")
+
+
+def test_onboard_predict_reference_writes_the_score_raster(sample_pass, tmp_path):
+    out = tmp_path / "scores.tif"
+    result = subprocess.run(
+        ["onboard", "predict", str(CHANGE), "--reference", str(sample_pass / "imgs_1"),
+         str(sample_pass / "imgs_2"), "--out", str(out), "--threads", "1"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "cells_scored: 64" in result.stdout
+    with tifffile.TiffFile(out) as tif:
+        scores = tif.asarray()
+        page = tif.pages[0]
+        georef = read_georef({t.code: t.value for t in page.tags.values()})
+    assert scores.dtype == np.float32 and scores.shape == (8, 8)
+    assert np.isfinite(scores).all() and 0 <= scores.min() <= scores.max() <= 1
+    pixel = OscdScene(sample_pass / "imgs_1", ("B02",)).georef.transform.a
+    assert georef.transform.a == pytest.approx(32 * pixel, rel=1e-9)
+    assert str(georef.crs) == "EPSG:4326"
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
