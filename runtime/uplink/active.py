@@ -345,8 +345,9 @@ class Uplink:
         target = previous if previous is not None and previous["status"] != "failed" \
             and previous["id"] not in state["failed"] else state["golden"]
         reason = f"{active['id']} failed its probation: {'; '.join(health.reasons)}"
-        if state["pending"] is not None and state["pending"]["kind"] == "activate":
-            # A newer set is already on its way: it replaces the failed one at the boundary.
+        if state["pending"] is not None:
+            # A newer set or a commanded rollback is already on its way: it replaces the
+            # failed set at the boundary, and the operator's reason stays the one recorded.
             events.append(("uplink_rollback_superseded", {
                 "set": active["id"], "reason": reason,
                 "pending": state["pending"]["set"]["id"]}))
