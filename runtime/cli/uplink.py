@@ -79,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "split":
         paths = uplink.split_file(args.file, args.chunk_bytes, args.out, upload=args.upload_id)
+        first = uplink.parse_chunk(paths[0].read_bytes())
         print(f"{args.file}: {len(paths)} chunks of at most {args.chunk_bytes} B in {args.out} "
-              f"(upload {paths[0].name.split('.0')[0] if paths else '?'})")
+              f"(upload {getattr(first, 'upload', '?')})")
         return 0
     if args.action == "selftest":
         return _selftest(args)
