@@ -22,6 +22,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="output folder for products, plan, telemetry and the report "
                              "(default: ./onboard-run)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--active", type=Path, metavar="STATE",
+                        help="run the uplinked active set kept in STATE (switched only here, at "
+                             "the pass boundary; judged after the pass, rolled back if it fails)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +36,18 @@ def run(args: argparse.Namespace) -> int:
             end = "\n" if done == total else ""
             print(f"\r{acquisition}: tiles {done}/{total}", end=end, file=sys.stderr, flush=True)
 
-    result = pipeline.run(config, args.out, progress=progress)
+    if args.active is None:
+        result = pipeline.run(config, args.out, progress=progress)
+    else:
+        from onboard.runtime import uplink
+
+        config = uplink.active_config(args.active, args.out)
+        try:
+            result = pipeline.run(config, args.out, progress=progress)
+        except BaseException as error:
+            uplink.pass_finished(args.active, args.out, error)
+            raise
+        uplink.pass_finished(args.active, args.out)
     if args.json:
         print(json.dumps(result.summary, indent=2, default=str))
     else:
