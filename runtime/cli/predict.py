@@ -19,6 +19,8 @@ from onboard.runtime.inference import NODATA_CLASS, Predictor, check_overlap, ch
 from onboard.runtime.sources.oscd import open_scene
 from onboard.runtime.telemetry import Telemetry
 
+PNG_EDGE = 4096  # the quick-look's longest side, in pixels
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="a verified .onboard bundle")
@@ -94,7 +96,11 @@ def run(args: argparse.Namespace) -> int:
             fraction = float((mask[known] == value).mean()) if known.any() else 0.0
             summary[f"{name}_fraction"] = round(fraction, 4)
         if not args.no_png:
-            summary["png"] = str(write_mask_png(args.out.with_suffix(".png"), mask))
+            # A quick-look, not the product: every n-th pixel, at most PNG_EDGE px a side (the
+            # full RGB of a 32 768² mask alone is 3 GiB).
+            step = max(1, -(-max(mask.shape) // PNG_EDGE))
+            summary["png"] = str(write_mask_png(args.out.with_suffix(".png"),
+                                                mask[::step, ::step]))
     else:
         summary["min"], summary["max"] = float(np.nanmin(product)), float(np.nanmax(product))
     telemetry.emit("predict_done", **summary)
