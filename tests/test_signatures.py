@@ -242,3 +242,11 @@ def test_predict_trusts_only_the_keys_it_is_given(tmp_path, capsys, test_data, s
     assert main(["predict", str(PRIMARY), str(scene), "--out", str(out), "--trust",
                  str(TEST_PUBLIC), "--no-png"]) == 0
     assert out.exists()
+
+
+def test_info_shows_who_signed_a_bundle(capsys):
+    assert main(["info", str(PRIMARY)]) == 0
+    assert f"signature: by key 'onboard-test' (id {TEST_KEY_ID}), not checked" in \
+        capsys.readouterr().out
+    assert main(["info", "--json", str(PRIMARY)]) == 0
+    assert json.loads(capsys.readouterr().out)["signature"]["key_id"] == TEST_KEY_ID

@@ -10,6 +10,7 @@ from typing import Any
 
 from onboard.runtime.bands import common_name
 from onboard.runtime.bundle import SUFFIX, Bundle, is_bundle
+from onboard.runtime.bundle.signature import read_signature
 from onboard.runtime.sources.geotiff import GeoTiffScene
 from onboard.runtime.sources.oscd import OscdPair, OscdScene
 
@@ -46,9 +47,14 @@ def _bundle(path: Path) -> dict[str, Any]:
     bundle = Bundle.open(path)
     with zipfile.ZipFile(path) as archive:
         sizes = {info.filename: info.file_size for info in archive.infolist()}
+    # Who signed it, as the bundle claims; trusting it takes a keyring (`onboard sign --check`).
+    signature = read_signature(bundle)
+    signed = None if signature is None else {
+        "key_name": signature.key_name, "key_id": signature.key_id,
+        "created": signature.created, "manifest_sha256": signature.manifest_sha256}
     return {"kind": "bundle", "path": str(path), "bytes": path.stat().st_size,
             "sha256": bundle.sha256, "verified": True, "member_bytes": sizes,
-            "manifest": json.loads(bundle.manifest.to_json())}
+            "signature": signed, "manifest": json.loads(bundle.manifest.to_json())}
 
 
 def _print_bundle(info: dict[str, Any]) -> None:
@@ -57,6 +63,10 @@ def _print_bundle(info: dict[str, Any]) -> None:
     outputs = m.get("outputs") or [m["output"]]
     print(f"path:      {info['path']} ({_mb(info['bytes'])}, checksums verified)")
     print(f"sha256:    {info['sha256']}")
+    signed = info.get("signature")
+    print("signature: " + (f"by key {signed['key_name']!r} (id {signed['key_id']}), not checked "
+                           "here: `onboard sign --check --trust KEY.pub`" if signed
+                           else "none (unsigned)"))
     print(f"bundle:    {m['name']} {m['version']}: task {m['task']}, {m['precision']}, "
           f"schema {m['schema_version']}, created {m['created'] or 'unknown'}")
     for spec in inputs:
