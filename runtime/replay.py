@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,19 @@ def archive_kind(paths: Sequence[Path]) -> str:
 
 
 def replay_config(config: Config, kind: str, paths: Sequence[Path]) -> Config:
-    """``config`` with its ``[source]`` reading ``paths``: what ``onboard run`` would be given."""
+    """``config`` with its ``[source]`` reading ``paths``: what ``onboard run`` would be given.
+
+    A stage section that names its own store folder (``[change] store``) is pointed back at
+    the run's state folder: each partition gets its own store there, and a replay must never
+    write into the store a flight config names.
+    """
     source: SourceConfig = config.section("source")
     values = dict(config.values)
     values["source"] = replace(source, kind=kind, paths=tuple(Path(p) for p in paths))
+    for name, section in values.items():
+        if is_dataclass(section) and not isinstance(section, type) \
+                and "store" in {f.name for f in fields(section)} and section.store is not None:
+            values[name] = replace(section, store=None)
     return Config(config.path, values)
 
 
@@ -303,7 +313,6 @@ def load_result(out: Path, scene_id: str, fingerprint: str) -> dict[str, Any] | 
 class SceneState:
     """A scene's attempts, as its journal tells them."""
 
-    done: bool = False
     failed: str | None = None  # why it was given up
     attempts: int = 0  # started in this session
     last_error: str | None = None
@@ -313,9 +322,7 @@ def scene_state(journal: Journal, session: int) -> SceneState:
     state = SceneState()
     for record in journal:
         event = record.get("event")
-        if event == "done":
-            state.done = True
-        elif event == "failed":
+        if event == "failed":
             state.failed = str(record.get("reason"))
         elif event == "start" and record.get("session") == session:
             state.attempts += 1
@@ -349,7 +356,9 @@ def score_partition(job: PartitionJob) -> list[dict[str, Any]]:
                 remove_partials(folder)
                 journal = Journal(folder / "journal.jsonl")
                 state = scene_state(journal, job.session)
-                if state.done and load_result(out, acquisition.id, job.fingerprint):
+                # The result file is the commit point (a kill may fall between it and the
+                # journal's "done"): a scene whose result is written is never scored again.
+                if load_result(out, acquisition.id, job.fingerprint) is not None:
                     records[acquisition.id] = {"scene": acquisition.id, "status": "resumed"}
                     continue
                 if state.failed is not None:
@@ -653,6 +662,70 @@ def _score_on_dask(config_path: Path, found: Archive, parts: list[Partition], ou
         if cluster is not None:
             cluster.close()
     return records, used, dashboard, where
+
+
+# -- checking a replay against a sequential run --------------------------------------------------
+
+
+def _close(a: Any, b: Any, tol: float) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=0.0, abs_tol=tol) or a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def compare_with_run(replay_out: str | Path, run_out: str | Path, tol: float = 1e-6
+                     ) -> list[str]:
+    """Where a replay's results differ from a sequential ``onboard run`` over the same scenes:
+    acquisition and tile ids, decisions, reasons and scores (numbers to ``tol``), and every row
+    of every pass's plan (candidates, bytes, values, what was chosen and why). Timings and the
+    time-limited exact optimum are not compared. An empty list: identical."""
+    ours, theirs = Path(replay_out) / "plan", Path(run_out)
+    problems: list[str] = []
+
+    def rows(folder: Path, pattern: str) -> dict[str, list[dict[str, Any]]]:
+        return {p.name: [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
+                for p in sorted(folder.glob(pattern))}
+
+    for pattern in ("scores-*.jsonl", "plan-*.jsonl"):
+        a, b = rows(ours, pattern), rows(theirs, pattern)
+        if a.keys() != b.keys():
+            problems.append(f"{pattern}: replay has {sorted(a)}, the run has {sorted(b)}")
+        for name in sorted(a.keys() & b.keys()):
+            if len(a[name]) != len(b[name]):
+                problems.append(f"{name}: {len(a[name])} rows, the run has {len(b[name])}")
+                continue
+            for i, (x, y) in enumerate(zip(a[name], b[name], strict=True)):
+                if not _close(x, y, tol):
+                    keys = sorted(k for k in x.keys() | y.keys()
+                                  if not _close(x.get(k), y.get(k), tol))
+                    problems.append(f"{name} row {i} ({x.get('tile_id')}): differs in {keys}")
+    try:
+        a_sum = json.loads((ours / "summary.json").read_text(encoding="utf-8"))
+        b_sum = json.loads((theirs / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return [*problems, f"summary.json: {error}"]
+    if [x["id"] for x in a_sum["acquisitions"]] != [x["id"] for x in b_sum["acquisitions"]]:
+        problems.append("acquisitions differ in ids or order")
+    for x, y in zip(a_sum["acquisitions"], b_sum["acquisitions"], strict=False):
+        if x["decisions"] != y["decisions"] or x["chosen"] != y["chosen"]:
+            problems.append(f"{x['id']}: decisions {x['decisions']} / chosen {x['chosen']} "
+                            f"against {y['decisions']} / {y['chosen']}")
+    keys = ("start", "budget_bytes", "planned_bytes", "chosen", "chosen_kinds", "candidates",
+            "value", "downlink_everything_value", "downlink_everything_bytes")
+    a_win, b_win = a_sum["plan"]["windows"], b_sum["plan"]["windows"]
+    if len(a_win) != len(b_win):
+        problems.append(f"{len(a_win)} passes planned, the run planned {len(b_win)}")
+    for i, (x, y) in enumerate(zip(a_win, b_win, strict=False)):
+        for key in keys:
+            if not _close(x.get(key), y.get(key), tol):
+                problems.append(f"pass {i}: {key} {x.get(key)} against {y.get(key)}")
+    return problems
 
 
 # -- what comes out: tables and the report --------------------------------------------------------
@@ -991,5 +1064,6 @@ def write_report(result: ReplayResult, results: dict[str, AcquisitionResult]) ->
     return write_text(out / "replay.md", "\n".join(lines) + "\n")
 
 
-__all__ = ["Archive", "Partition", "PartitionJob", "ReplayResult", "SceneRef", "discover",
-           "load_result", "partition", "replay", "replay_config", "score_partition"]
+__all__ = ["Archive", "Partition", "PartitionJob", "ReplayResult", "SceneRef",
+           "compare_with_run", "discover", "load_result", "partition", "replay",
+           "replay_config", "score_partition"]
