@@ -1,67 +1,47 @@
-"""Model × engine × precision: latency, throughput, memory, size and accuracy, peers beside.
+"""The engine matrix: bundle × backend × precision × threads, each in a fresh process.
 
-    python -m onboard.bench.engines BUNDLE [BUNDLE ...] [--threads 2] [--peers] [--data DIR]
+    python -m onboard.bench.engines [BUNDLE ...] [--threads 1 2] [--rounds 3] [--peers]
 
-Every bundle is run on every backend it carries that can run here (TensorRT is skipped, with the
-reason, where it does not import), each in a fresh process so its peak RSS is its own. Accuracy
-is the zoo model's own metric on its held-out split, through the same engine. With ``--peers``
-the ukis-csmask U-Net (4-band L1C, fp32, ONNX Runtime) is measured in the same run on the same
-pixels. Results: ``bench/results/engines.{json,md,png}``.
+Every bundle (default: every ``models/*/*.onboard``) runs on every backend that can read it here
+(the engines it carries, plus OpenVINO on an ONNX model; TensorRT where CUDA is), at each thread
+count: per-tile latency p50/p99 (one tile per call), throughput in Mpx/s of input (``batch``
+tiles per call), peak RSS of the process, bundle size, energy per Mpx where the board exposes
+it, and the zoo model's own metric on its evaluation set through that very engine ("n/a" with
+the reason when the zoo entry has no evaluation or its data is absent). Real tiles: the bundled
+Sentinel-2 sample. Rows are measured in interleaved rounds so that the shared machine's noise
+falls on all alike; medians and minima are both kept. ``--peers`` adds :mod:`onboard.bench.peers`
+and the ratios. ``onboard bench`` runs this as its first part.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
-import os
-import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from onboard.runtime.bundle import Bundle
+from onboard.bench.measure import (
+    REPO,
+    RESULTS,
+    default_data,
+    in_child,
+    latency_stats,
+    peak_rss_mb,
+    sample_tiles,
+    timed_calls,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
+MODULE = "onboard.bench.engines"
 
-MEASURE = r"""
-import json, os, resource, sys, time
-import numpy as np
-from onboard.runtime.engines import open_engine
-from onboard.runtime.inference import Predictor
-bundle, backend, threads, data, zoo_name, per_call, repeats = sys.argv[1:8]
-per_call, repeats = int(per_call), int(repeats)
-t0 = time.perf_counter()
-engine = open_engine(bundle, backend, threads=int(threads), batch_size=per_call, warmup=5)
-load_s = time.perf_counter() - t0
-predictor = Predictor(engine)
-size = predictor.tile_size
-rng = np.random.default_rng(0)
-tiles = [rng.random((len(engine.input_spec.bands), size, size), dtype=np.float32) * 0.3
-         for _ in range(per_call)]
-times = []
-for _ in range(repeats):
-    t = time.perf_counter()
-    predictor.run(tiles)
-    times.append(time.perf_counter() - t)
-median, best = float(np.median(times)), float(np.min(times))
-result = {"load_s": load_s, "latency_ms": median * 1e3, "min_ms": best * 1e3,
-          "mpx_s": per_call * size * size / median / 1e6, "tile": size, "per_call": per_call}
-if zoo_name != "-":
-    from onboard.models import zoo
-    entry = zoo.get(zoo_name)
-    outputs, labels = [], []
-    for x, y in entry.validation_batches(data):
-        outs = predictor.run(list(x))
-        outputs.append(np.stack(outs))
-        labels.append(y)
-    result["metric"] = entry.metric_name
-    result["value"] = float(entry.metric(outputs, labels))
-result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps(result))
-"""
+
+def shipped_bundles() -> list[Path]:
+    """Every bundle in the zoo's folders, the ones others are building now included."""
+    return [Path(p) for p in sorted(glob.glob(str(REPO / "models" / "*" / "*.onboard")))]
 
 
 def runnable(backend: str) -> str | None:
@@ -73,144 +53,216 @@ def runnable(backend: str) -> str | None:
         return f"{modules[backend]} does not import here ({error})"
     if backend == "tensorrt":
         try:
-            import pycuda.driver as cuda  # noqa: F401
+            import pycuda.driver  # noqa: F401
         except ImportError as error:
             return f"pycuda/CUDA unavailable ({error})"
     return None
 
 
-def measure(bundle: Path, backend: str, threads: int, data: Path, zoo_name: str,
-            per_call: int = 4, repeats: int = 100) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(bundle), backend, str(threads),
-                          str(data), zoo_name, str(per_call), str(repeats)],
-                         capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def backends_for(engines: dict[str, str], extra: bool) -> list[tuple[str, str]]:
+    """(backend, how) pairs: the engines a bundle carries, and with ``extra`` the ones that can
+    read its ONNX model (OpenVINO, TensorRT)."""
+    out = [(b, "shipped engine") for b in engines]
+    if extra and "onnxruntime" in engines:
+        out += [(b, "from the ONNX model") for b in ("openvino", "tensorrt") if b not in engines]
+    return out
 
 
-def _zoo_name(bundle: Bundle) -> str:
+def zoo_entry(name: str) -> Any:
     try:
         from onboard.models import zoo
 
-        return bundle.manifest.name if bundle.manifest.name in zoo.names() else "-"
-    except ImportError:
-        return "-"
-
-
-def peer_bundle(folder: Path, zoo_name: str) -> Path | None:
-    """ukis-csmask's 4-band L1C U-Net as a bundle taking the zoo model's inputs (reflectance)."""
-    try:
-        from onboard.models.peers import ukis_csmask_bundle
-    except ImportError:
+        return zoo.get(name) if name in zoo.names() else None
+    except ImportError:  # the flight-only install has no zoo
         return None
-    return ukis_csmask_bundle(folder / "ukis-csmask-4b.onboard", bands=4,
-                              dn_per_input_unit=1.0, name=f"ukis-csmask-4b (peer of {zoo_name})")
 
 
-def run(bundles: list[Path], threads: int, data: Path, peers: bool, per_call: int = 4,
-        repeats: int = 100) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    zoo_names = []
+# -- in the fresh process -------------------------------------------------------------------------
+
+
+def _evaluate(engine: Any, zoo_name: str, data: str) -> dict[str, Any]:
+    """The zoo model's metric on its evaluation batches through ``engine``. Batches hold the
+    zoo model's normalised input; they are mapped back to DN and normalised as this bundle's
+    manifest says, so a peer bundle with its own scaling sees the same pixels."""
+    from onboard.runtime.inference import Predictor
+
+    entry = zoo_entry(zoo_name)
+    if entry is None or entry.validation_batches is None or entry.metric is None:
+        return {"metric": "n/a", "why": f"zoo entry {zoo_name!r} exposes no evaluation"}
+    if len(engine.manifest.inputs) != 1:
+        return {"metric": "n/a", "why": "multi-input bundle: evaluated by its zoo module"}
+    try:
+        batches = entry.validation_batches(Path(data))
+    except (OSError, KeyError) as error:
+        return {"metric": "n/a", "why": f"evaluation data unavailable: {error}"}
+    spec = engine.input_spec
+    z_scale = np.asarray(entry.input_scale, np.float32)[:, None, None]
+    z_offset = np.asarray(entry.input_offset, np.float32)[:, None, None]
+    scale = np.asarray(spec.scale, np.float32)[:, None, None]
+    offset = np.asarray(spec.offset, np.float32)[:, None, None]
+    predictor = Predictor(engine)
+    outputs, labels = [], []
+    for x, y in batches:
+        inputs = [((tile - z_offset) / z_scale) * scale + offset for tile in x]
+        outputs.append(np.stack(predictor.run([t.astype(np.float32) for t in inputs])))
+        labels.append(y)
+    return {"metric": entry.metric_name, "value": float(entry.metric(outputs, labels)),
+            "eval_set": entry.extra.get("heldout", "the zoo entry's validation split")}
+
+
+def child_bundle(spec: dict[str, Any]) -> dict[str, Any]:
+    from onboard.bench.power import EnergyMeter
+    from onboard.runtime.engines import open_engine
+
+    t0 = time.perf_counter()
+    engine = open_engine(spec["bundle"], spec["backend"], threads=spec["threads"],
+                         batch_size=spec["batch"], warmup=3)
+    load_s = time.perf_counter() - t0
+    inputs = engine.manifest.inputs
+    size = inputs[0].tile_size
+    batch = spec["batch"]
+
+    def feeds(n: int) -> dict[str, np.ndarray]:
+        out = {}
+        for item in inputs:
+            dn = sample_tiles(list(item.bands), n, item.tile_size).astype(np.float32)
+            dn *= spec.get("pixel_scale", 1.0)
+            out[item.name] = np.stack([item.normalise(t) for t in dn]).astype(np.float32)
+        return out
+
+    one, many = feeds(1), feeds(batch)
+    budget = spec.get("budget_s")
+    times = timed_calls(lambda: engine.run_named(one), spec["latency_calls"], budget)
+    with EnergyMeter().measure() as energy:
+        through = timed_calls(lambda: engine.run_named(many), spec["throughput_calls"], budget)
+    mpx = batch * size * size / 1e6
+    median = float(np.median(through))
+    result: dict[str, Any] = {
+        "load_s": load_s, "tile": size, "batch": batch, "latency_s": times,
+        "mpx_s": mpx / median, "mpx_s_best": mpx / float(np.min(through)),
+        "energy_j_per_mpx": energy.per_mpx(mpx * len(through)), "energy_source": energy.source,
+    }
+    scale = engine.output_spec.scale_factor
+    if scale != 1:
+        result["output_mpx_s"] = result["mpx_s"] * scale * scale
+    if spec.get("zoo") and spec.get("evaluate", True):
+        result.update(_evaluate(engine, spec["zoo"], spec["data"]))
+    engine.close()
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def main_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    if kind == "bundle":
+        return child_bundle(spec)
+    from onboard.bench import peers
+
+    return peers.run_child(kind, spec)
+
+
+# -- the matrix -----------------------------------------------------------------------------------
+
+
+def plan_rows(bundles: list[Path], threads: list[int], extra_backends: bool, data: Path,
+              quick: bool) -> list[dict[str, Any]]:
+    """One row per bundle × backend × threads, each with the spec its child runs."""
+    from onboard.runtime.bundle import Bundle
+
+    rows = []
     for path in bundles:
-        bundle = Bundle.open(path)
-        zoo_name = _zoo_name(bundle)
-        zoo_names.append(zoo_name)
-        for backend in bundle.manifest.engines:
-            row = {"model": bundle.manifest.name, "bundle": path.name, "backend": backend,
-                   "precision": bundle.manifest.precision,
-                   "size_kb": round(path.stat().st_size / 1024, 1)}
-            why_not = runnable(backend)
-            if why_not:
-                row["skipped"] = why_not
-            else:
-                print(f"measuring {path.name} on {backend} ...", file=sys.stderr)
-                row.update(measure(path, backend, threads, data, zoo_name, per_call, repeats))
-            rows.append(row)
-    if peers and any(n != "-" for n in zoo_names):
-        with tempfile.TemporaryDirectory() as tmp:
-            zoo_name = next(n for n in zoo_names if n.startswith("cloud-4band")) \
-                if "cloud-4band" in zoo_names else None
-            peer = peer_bundle(Path(tmp), zoo_name) if zoo_name else None
-            if peer is not None:
-                print("measuring the ukis-csmask peer ...", file=sys.stderr)
-                row = {"model": "ukis-csmask-4b (peer)", "bundle": "(pip package)",
-                       "backend": "onnxruntime", "precision": "fp32",
-                       "size_kb": round(peer.stat().st_size / 1024, 1)}
-                row.update(measure(peer, "onnxruntime", threads, data, zoo_name, per_call,
-                                   max(repeats // 10, 5)))
+        try:
+            manifest = Bundle.open(path).manifest
+        except Exception as error:  # a bundle someone is writing right now, say
+            rows.append({"model": path.stem, "bundle": path.name, "backend": "-",
+                         "precision": "-", "threads": "-", "skipped": f"cannot open: {error}"})
+            continue
+        entry = zoo_entry(manifest.name)
+        for backend, how in backends_for(dict(manifest.engines), extra_backends):
+            for n in threads:
+                row: dict[str, Any] = {
+                    "model": manifest.name, "task": manifest.task, "bundle": path.name,
+                    "backend": backend, "how": how, "precision": manifest.precision,
+                    "threads": n, "size_kb": round(path.stat().st_size / 1024, 1),
+                    "kind": "bundle"}
+                if quick:
+                    row["why"] = "not evaluated in a --quick run"
+                why = runnable(backend)
+                if why:
+                    row["skipped"] = why
+                else:
+                    row["spec"] = {"bundle": str(path), "backend": backend, "threads": n,
+                                   "batch": 4 if quick else 8,
+                                   "latency_calls": 15 if quick else 60,
+                                   "throughput_calls": 4 if quick else 12,
+                                   "zoo": entry.name if entry else None, "data": str(data),
+                                   "budget_s": 1.5 if quick else 20.0,
+                                   # The metric once per engine, and not in a quick run.
+                                   "evaluate": n == threads[-1] and not quick}
                 rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], threads: int, per_call: int) -> str:
-    lines = ["# Engines: model × backend × precision", "",
-             f"Measured in one run on this machine, {threads} threads, {per_call} 256×256 tiles "
-             "per call (latency: median and minimum per call after warm-up; Mpx/s from the "
-             "median); peak RSS of a fresh process that loads and runs the engine; metric on "
-             "the zoo model's held-out split through that engine.",
-             "", "| model | backend | precision | size KB | latency ms (min) | Mpx/s | "
-             "peak RSS MB | metric |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "skipped" in r or "error" in r:
-            why = r.get("skipped") or r.get("error")
-            lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['size_kb']} "
-                         f"| – | – | – | not run: {why} |")
-            continue
-        metric = f"{r['metric']} {r['value']:.4f}" if "metric" in r else "–"
-        lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['size_kb']} | "
-                     f"{r['latency_ms']:.2f} ({r['min_ms']:.2f}) | {r['mpx_s']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {metric} |")
-    return "\n".join(lines) + "\n"
-
-
-def bar_chart(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Mpx/s of each measured row as a labelled horizontal bar chart (log scale: the peer is
-    100× slower). Needs Pillow (the [dev] extra); returns whether the PNG was written."""
-    try:
-        from PIL import Image, ImageDraw
-    except ImportError:
-        print("Pillow not installed: no PNG chart", file=sys.stderr)
-        return False
-    measured = [r for r in rows if "mpx_s" in r]
-    if not measured:
-        return False
-    label_w, bar_w, row_h = 330, 420, 22
-    image = Image.new("RGB", (label_w + bar_w + 80, row_h * len(measured) + 30), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((6, 6), "throughput, Mpx/s (log scale), 256x256 tiles", fill="black")
-    top = np.log10(max(r["mpx_s"] for r in measured) * 10)
-    for i, r in enumerate(measured):
-        y = 26 + row_h * i
-        label = f"{r['model']} {r['backend']} {r['precision']}"
-        draw.text((6, y + 4), label, fill="black")
-        length = max(int(bar_w * np.log10(max(r["mpx_s"], 0.011) * 10) / top), 2)
-        colour = (200, 80, 40) if "peer" in r["model"] else (40, 110, 200)
-        draw.rectangle([label_w, y + 3, label_w + length, y + row_h - 3], fill=colour)
-        draw.text((label_w + length + 6, y + 4), f"{r['mpx_s']:.2f}", fill="black")
-    image.save(path)
-    return True
+def measure_rows(rows: list[dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
+    """Run every row's child ``rounds`` times, interleaved, and fold the rounds together:
+    latency percentiles over every call, throughput as the median and best round."""
+    runs: dict[int, list[dict[str, Any]]] = {}
+    for round_ in range(rounds):
+        for i, row in enumerate(rows):
+            if "spec" not in row:
+                continue
+            print(f"[bench] round {round_ + 1}/{rounds}: {row['model']} {row['backend']} "
+                  f"{row['precision']} {row['threads']} threads", file=sys.stderr, flush=True)
+            spec = dict(row["spec"], evaluate=row["spec"].get("evaluate", True) and round_ == 0)
+            runs.setdefault(i, []).append(in_child(MODULE, {"kind": row["kind"], **spec},
+                                                   threads=row["threads"]))
+    out = []
+    for i, row in enumerate(rows):
+        row = {k: v for k, v in row.items() if k != "spec"}
+        results = runs.get(i, [])
+        good = [r for r in results if "error" not in r]
+        if results and not good:
+            row["error"] = results[0]["error"]
+        if good:
+            calls = [t for r in good for t in r.pop("latency_s", [])]
+            row.update(latency_stats(calls))
+            speeds = [r["mpx_s"] for r in good]
+            first = good[0]
+            row.update({k: v for k, v in first.items() if k not in ("mpx_s", "mpx_s_best")})
+            row["mpx_s"] = float(np.median(speeds))
+            row["mpx_s_best"] = max(r["mpx_s_best"] for r in good)
+            row["mpx_s_rounds"] = [round(s, 2) for s in speeds]
+            row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in good)
+            row["rounds"] = len(good)
+        out.append(row)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        spec = json.loads(argv[1])
+        print(json.dumps(main_child(spec.pop("kind"), spec)))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bundles", nargs="+", type=Path)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("bundles", nargs="*", type=Path, help="default: models/*/*.onboard")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peers", action="store_true")
-    parser.add_argument("--tiles-per-call", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "ONBOARD_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
+    parser.add_argument("--data", type=Path, default=default_data())
     parser.add_argument("--out", type=Path, default=RESULTS / "engines")
     args = parser.parse_args(argv)
-    rows = run(args.bundles, args.threads, args.data, args.peers, args.tiles_per_call,
-               args.repeats)
+    from onboard.bench import peers, report
+
+    rows = plan_rows(args.bundles or shipped_bundles(), args.threads, True, args.data, False)
+    if args.peers:
+        rows += peers.plan_rows(rows, args.threads, args.data, quick=False)
+    rows = measure_rows(rows, args.rounds)
+    peers.add_ratios(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    text = markdown(rows, args.threads, args.tiles_per_call)
-    args.out.with_suffix(".md").write_text(text)
-    bar_chart(rows, args.out.with_suffix(".png"))
+    text = report.matrix_markdown(rows)
+    args.out.with_suffix(".md").write_text("# Engines\n\n" + text)
+    report.throughput_chart(rows, args.out.with_suffix(".png"))
     print(text)
     return 0
 

@@ -140,8 +140,11 @@ def child_score(spec: dict[str, Any]) -> dict[str, Any]:
         _time_calls(pipeline, "_emit_tile", extra, "tile_telemetry")
         scene = GeoTiffScene(spec["path"])
         cpu0 = _cpu_s()
+        from onboard.bench.power import EnergyMeter
+
         try:
-            result = pipeline.score(Acquisition("bench", "bench", scene, None))
+            with EnergyMeter().measure() as energy:
+                result = pipeline.score(Acquisition("bench", "bench", scene, None))
             cpu_s = _cpu_s() - cpu0
         finally:
             scene.close()
@@ -153,7 +156,35 @@ def child_score(spec: dict[str, Any]) -> dict[str, Any]:
             "waiting_for_reader_s": max(0.0, timings["wall"] - main),
             "engine_load_s": load_s, "tiles": len(result.scores), "counts": result.counts(),
             "mpx": result.input_mpx, "mpx_per_s": result.input_mpx / timings["wall"],
-            "bands_read": list(pipeline.bands), "cpu_s": cpu_s, "peak_rss_mb": _peak_rss_mb()}
+            "bands_read": list(pipeline.bands), "cpu_s": cpu_s,
+            "energy_j_per_mpx": energy.per_mpx(result.input_mpx), "energy_source": energy.source,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def child_run(spec: dict[str, Any]) -> dict[str, Any]:
+    """``onboard run`` itself on a config (default: the bundled sample): every acquisition
+    scored, each window planned, products made, queued and sent; Mpx/s of input over the wall
+    time of the whole run, with the run's own breakdown."""
+    from onboard.bench.power import EnergyMeter
+    from onboard.runtime import pipeline
+
+    config = spec.get("config") or pipeline.SAMPLE_CONFIG
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        with EnergyMeter().measure() as energy:
+            result = pipeline.run(config, Path(tmp) / "run")
+        wall = time.perf_counter() - t0
+    summary = result.summary
+    scoring = sum(a["tiles"] for a in summary["acquisitions"])
+    timings = dict(summary["timings_s"])
+    return {"config": str(config), "wall_s": wall, "input_mpx": summary["input_mpx"],
+            "mpx_per_s": summary["input_mpx"] / wall, "tiles": scoring,
+            "timings_s": timings, "scoring_wall_s": timings.get("wall", 0.0),
+            "plan_products_queue_link_s": max(0.0, wall - timings.get("wall", 0.0)),
+            "acquisitions": [{k: a[k] for k in ("id", "tiles", "mpx_per_s", "decisions")}
+                             for a in summary["acquisitions"]],
+            "energy_j_per_mpx": energy.per_mpx(summary["input_mpx"]),
+            "energy_source": energy.source, "peak_rss_mb": _peak_rss_mb()}
 
 
 def child_decode(spec: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +227,8 @@ def child_engine(spec: dict[str, Any]) -> dict[str, Any]:
             "window_mpx_per_s": n * size * size / median / 1e6, "peak_rss_mb": _peak_rss_mb()}
 
 
-CHILDREN = {"score": child_score, "decode": child_decode, "engine": child_engine}
+CHILDREN = {"score": child_score, "decode": child_decode, "engine": child_engine,
+            "run": child_run}
 
 
 def measure(kind: str, **spec: Any) -> dict[str, Any]:
