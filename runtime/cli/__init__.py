@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ground": ("onboard.runtime.cli.ground", "the ground side of the CFDP downlink: receive, "
                "verify, store once, decode telemetry"),
     "sign": ("onboard.runtime.cli.sign", "sign bundles with an Ed25519 key, make keys, check"),
+    "bench": ("onboard.runtime.cli.bench", "engines x precisions x threads with their peers, "
+              "end to end, hardware-in-loop"),
     "serve": ("onboard.runtime.cli.serve", "score frames received over TCP (hardware-in-loop)"),
     "uplink": ("onboard.runtime.cli.uplink", "stage, verify, activate and roll back uplinked "
                "bundles and configs"),
