@@ -1,6 +1,9 @@
-"""The compiler's headline numbers on a real zoo model, measured in one run.
+"""The compiler study: its headline numbers on a real zoo model, measured in one run.
 
-    python -m onboard.compile.study [--model cloud-4band] [--data DIR] [--out-dir DIR]
+    python -m onboard.bench.compile_study [--model cloud-4band] [--data DIR] [--out-dir DIR]
+
+A benchmark of ``onboard compile`` (moved here from the compiler's package, which keeps only
+the compiler).
 
 Five compiles of the same model, then the flight runtime's engines on the five bundles:
 
@@ -40,7 +43,7 @@ from onboard.compile.pipeline import (
 )
 from onboard.runtime.errors import AccuracyGateError
 
-HERE = Path(__file__).resolve().parent
+COMPILE = Path(__file__).resolve().parents[1] / "compile"  # REPORT.md sits by the compiler
 
 
 def _step(report: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-lr", type=float, default=None)
     parser.add_argument("--rounds", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--report", type=Path, default=HERE / "REPORT.md")
+    parser.add_argument("--report", type=Path, default=COMPILE / "REPORT.md")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="weights to use instead of the zoo entry's (a pinned copy)")
     args = parser.parse_args(argv)
@@ -155,7 +158,7 @@ def render(study: dict[str, Any]) -> str:
     lines = [
         f"# Compile study: {study['model']}",
         "",
-        f"Measured in one run of `python -m onboard.compile.study` ({study['seconds']} s) on "
+        f"Measured in one run of `python -m onboard.bench.compile_study` ({study['seconds']} s) on "
         f"{study['machine']}, {study['threads']} threads, one {study['tile'][1:]} tile per "
         "run. Metric: the zoo model's own "
         f"`{metric}` on its held-out validation split, measured with each step's own engine.",
