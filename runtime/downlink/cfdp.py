@@ -36,6 +36,11 @@ Work-arounds for cfdp-py 0.7.0, each where it is needed below:
    still ends without a clean Finished is retried by the queue and dropped by id on the ground.
 4. *Timers run on wall-clock time and only advance inside ``state_machine()``*: both sides keep
    polling their handlers, and a transaction has a deadline of its own on the monotonic clock.
+   cfdp-py's source has no timer at all while it waits for the Finished PDU in acknowledged
+   mode: the flight side sends its EOF again when it has heard nothing for two ACK timeouts.
+5. *An EOF that arrives before a lost Metadata PDU is forgotten once the Metadata is sent again*
+   (found here: the handler goes back to receiving file data with the EOF behind it and waits
+   for ever): the ground hands that EOF to the handler again.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import select
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -57,6 +62,7 @@ from cfdppy import CfdpState, IndicationConfig, LocalEntityConfig, PutRequest, R
 from cfdppy import exceptions as cfdp_errors
 from cfdppy.filestore import NativeFilestore
 from cfdppy.handler.dest import DestHandler, LostSegmentTracker
+from cfdppy.handler.dest import TransactionStep as DestStep
 from cfdppy.handler.source import SourceHandler
 from cfdppy.handler.source import TransactionStep as SourceStep
 from cfdppy.mib import (
@@ -731,6 +737,9 @@ class CfdpTransmitter:
         self.results: list[TransferResult] = []
         self.refused_pdus = 0
         self.undecodable = 0
+        self.finished_reacked = 0
+        self.eof_resent = 0
+        self._last_eof: bytes | None = None
 
     def send(self, item_id: str, path: Path, sha256: str) -> bool:
         return self.transfer(item_id, path, sha256).acknowledged
@@ -764,6 +773,8 @@ class CfdpTransmitter:
         held_finished: Any = None
         key: tuple[int, int] | None = None
         reason = ""
+        self._last_eof = None
+        heard = time.monotonic()
         try:
             while True:
                 if not self._step(None):
@@ -790,6 +801,7 @@ class CfdpTransmitter:
                     if _key(pdu) != key:
                         self._answer_old(pdu)
                         continue
+                    heard = time.monotonic()
                     if isinstance(pdu, FinishedPdu) and \
                             self.source.step == SourceStep.WAITING_FOR_EOF_ACK:
                         # Work-around 3: the Finished overtook a lost ACK(EOF); cfdp-py would
@@ -802,8 +814,20 @@ class CfdpTransmitter:
                         break
                 if reason:
                     break
-                if time.monotonic() > deadline:
-                    reason = f"no Finished PDU within {budget_s:.1f} s"
+                now = time.monotonic()
+                if step == SourceStep.WAITING_FOR_FINISHED and self._last_eof is not None \
+                        and now - heard > 2 * self.config.ack_timeout_s:
+                    # Work-around 3: cfdp-py waits for a Finished with no timer in acknowledged
+                    # mode; if every repetition of it was lost, the EOF is sent again, which
+                    # the ground answers with ACK(EOF) and its Finished.
+                    heard = now
+                    self.eof_resent += 1
+                    if not self.link.send(self._last_eof):
+                        reason = "pass over"
+                        break
+                if now > deadline:
+                    reason = (f"no Finished PDU within {budget_s:.1f} s "
+                              f"({self.source.step.name.lower()})")
                     break
         finally:
             if self.source.state != CfdpState.IDLE:
@@ -844,7 +868,10 @@ class CfdpTransmitter:
             holder = self.source.get_next_packet()
             if holder is None:
                 break
-            if not self.link.send(self.framer.wrap(bytes(holder.pack()))):
+            packet = self.framer.wrap(bytes(holder.pdu.pack()))
+            if holder.pdu_directive_type == DirectiveType.EOF_PDU:
+                self._last_eof = packet
+            if not self.link.send(packet):
                 return False
         return True
 
@@ -856,9 +883,20 @@ class CfdpTransmitter:
             self.undecodable += 1
             return None
 
+    def idle(self, seconds: float) -> None:
+        """Keep answering the ground for ``seconds`` between transfers (the end of a pass): a
+        Finished it repeats because our ACK(Finished) was lost gets its ACK."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until and not self.link.closed:
+            for packet in self.link.receive(0.005):
+                pdu = self._decode(packet)
+                if pdu is not None:
+                    self._answer_old(pdu)
+
     def _answer_old(self, pdu: Any) -> None:
         """A repeated Finished of a transaction that finished here: our ACK was lost."""
         if isinstance(pdu, FinishedPdu) and _key(pdu) in self._finished:
+            self.finished_reacked += 1
             ack = AckPdu(pdu.pdu_header.pdu_conf, DirectiveType.FINISHED_PDU,
                          pdu.condition_code, TransactionStatus.TERMINATED)
             self.link.send(self.framer.wrap(bytes(ack.pack())))
@@ -1010,6 +1048,7 @@ class _GroundTransaction:
         self.item_id: str | None = None
         self.sha256: str | None = None
         self.eof_seen = False
+        self.eof: EofPdu | None = None
         self.completed = False
         self.outcome = "open"
         self.last_finished: bytes | None = None
@@ -1018,7 +1057,9 @@ class _GroundTransaction:
 
     def feed(self, pdu: Any) -> list[bytes]:
         self.last_heard = time.monotonic()
-        if isinstance(pdu, EofPdu) and self.eof_seen:
+        if isinstance(pdu, EofPdu):
+            self.eof = pdu
+        if isinstance(pdu, EofPdu) and self.eof_seen and not self._forgot_eof:
             # Work-around 3: the source repeats its EOF because our ACK(EOF) was lost, and
             # cfdp-py's handler ignores an EOF once it has one. Acknowledge it again, and send
             # the Finished again if there is one.
@@ -1026,7 +1067,18 @@ class _GroundTransaction:
             out = [bytes(AckPdu(pdu.pdu_header.pdu_conf, DirectiveType.EOF_PDU,
                                 pdu.condition_code, TransactionStatus.ACTIVE).pack())]
             return out + ([self.last_finished] if self.last_finished else [])
-        return self._run(pdu)
+        out = self._run(pdu)
+        if self._forgot_eof and self.eof is not None:
+            # Work-around 5: an EOF that came before the (lost, then re-sent) Metadata PDU is
+            # forgotten by cfdp-py when the Metadata arrives (it goes back to receiving file
+            # data and would wait for ever); the EOF it had is handed to it again.
+            self.station.stats["eof_refed"] += 1
+            out += self._run(self.eof)
+        return out
+
+    @property
+    def _forgot_eof(self) -> bool:
+        return self.eof_seen and self.handler.step == DestStep.RECEIVING_FILE_DATA
 
     def poll(self) -> list[bytes]:
         if self.handler.state == CfdpState.IDLE:
@@ -1047,7 +1099,7 @@ class _GroundTransaction:
             holder = self.handler.get_next_packet()
             if holder is None:
                 break
-            raw = bytes(holder.pack())
+            raw = bytes(holder.pdu.pack())
             if holder.pdu_directive_type == DirectiveType.FINISHED_PDU:
                 self.last_finished = raw
                 self.finished_sent += 1
@@ -1134,7 +1186,7 @@ class GroundStation:
         self._flushed_records = 0
         self.outcomes: list[dict[str, Any]] = []
         self.stats: dict[str, int] = {"pdus": 0, "undecodable": 0, "refused_pdus": 0,
-                                      "eof_reacked": 0, "finished_resent": 0,
+                                      "eof_reacked": 0, "eof_refed": 0, "finished_resent": 0,
                                       "stale_ignored": 0, "retired_finished": 0,
                                       "retired_inactive": 0}
         self._log = self.root / "transactions.jsonl"
@@ -1267,7 +1319,9 @@ def serve_udp(station: GroundStation, host: str, port: int, *, duration_s: float
         raise StorageError(None, f"onboard ground: cannot listen on {host}:{port}: "
                                  f"{error.strerror or error}") from error
     sock.setblocking(False)
-    peers: dict[int, tuple[str, int]] = {}
+    # Replies the station's timers make go where their transaction's packets came from: two
+    # senders may share an entity id (a restarted one, on a new port, beside its dead self).
+    peers: OrderedDict[tuple[int, int], tuple[str, int]] = OrderedDict()
     started = last_packet = time.monotonic()
     heard = False
     polled = flushed = started
@@ -1289,9 +1343,12 @@ def serve_udp(station: GroundStation, host: str, port: int, *, duration_s: float
                     break
                 heard = True
                 last_packet = time.monotonic()
-                entity = _sender_entity(packet)
-                if entity is not None:
-                    peers[entity] = address
+                key = _transaction_of(packet, CFDP_DOWN_APID)
+                if key is not None:
+                    peers[key] = address
+                    peers.move_to_end(key)
+                    while len(peers) > 4096:
+                        peers.popitem(last=False)
                 for reply in station.receive(packet):
                     with contextlib.suppress(OSError):
                         sock.sendto(reply, address)
@@ -1299,7 +1356,8 @@ def serve_udp(station: GroundStation, host: str, port: int, *, duration_s: float
             if now - polled > 0.005:
                 polled = now
                 for reply in station.poll():
-                    for address in _addresses_for(reply, peers):
+                    address = peers.get(_transaction_of(reply, CFDP_UP_APID) or (-1, -1))
+                    if address is not None:
                         with contextlib.suppress(OSError):
                             sock.sendto(reply, address)
             if now - flushed > 1.0:
@@ -1311,27 +1369,14 @@ def serve_udp(station: GroundStation, host: str, port: int, *, duration_s: float
     return station.summary()
 
 
-def _sender_entity(packet: bytes) -> int | None:
+def _transaction_of(packet: bytes, apid: int) -> tuple[int, int] | None:
+    """The transaction a CFDP space packet of ``apid`` belongs to (None for anything else)."""
     with contextlib.suppress(*_UNDECODABLE, PacketError):
-        raw = _pdu_of(packet, CFDP_DOWN_APID)
-        if raw is not None:
-            return _header_source(raw)
+        raw = _pdu_of(packet, apid)
+        pdu = None if raw is None else PduFactory.from_raw(raw)
+        if pdu is not None:
+            return _key(pdu)
     return None
-
-
-def _header_source(raw: bytes) -> int | None:
-    pdu = PduFactory.from_raw(raw)
-    return None if pdu is None else int(pdu.source_entity_id.value)
-
-
-def _addresses_for(reply: bytes, peers: dict[int, tuple[str, int]]) -> Iterator[tuple[str, int]]:
-    """Where a reply the ground's timers made goes: the latest address of its source entity."""
-    with contextlib.suppress(*_UNDECODABLE, PacketError):
-        raw = _pdu_of(reply, CFDP_UP_APID)
-        if raw is not None:
-            source = _header_source(raw)
-            if source is not None and source in peers:
-                yield peers[source]
 
 
 # -- factory ---------------------------------------------------------------------------------------
