@@ -35,6 +35,7 @@ import imagecodecs
 import numpy as np
 
 from onboard.runtime.aoi import AoiConfig, AreaOfInterest
+from onboard.runtime.bundle.signature import TrustPolicy, trusting
 from onboard.runtime.config import Config, load_config, register_section
 from onboard.runtime.downlink.planner import (
     Candidate,
@@ -261,13 +262,16 @@ class Pipeline:
         if not self.specs:
             raise ConfigError(f"{config.path or 'config'}: no stage is configured; known: "
                               f"{[s.name for s in registered_stages()]}")
+        # Every bundle a stage opens must be signed by a key the config trusts.
+        self.trust = TrustPolicy.from_config(config.section("signatures"))
         self.stages: list[Stage] = []
         try:
-            for spec in self.specs:
-                self.stages.append(spec.build(config.section(spec.name), self.context))
-                check = getattr(self.stages[-1], "check_tiling", None)
-                if check is not None:  # a stage working on cells refuses tiles not made of them
-                    check(self.tiling.tile, self.tiling.halo)
+            with trusting(self.trust):
+                for spec in self.specs:
+                    self.stages.append(spec.build(config.section(spec.name), self.context))
+                    check = getattr(self.stages[-1], "check_tiling", None)
+                    if check is not None:  # a stage on cells refuses tiles not made of them
+                        check(self.tiling.tile, self.tiling.halo)
         except BaseException:
             self.close()
             raise
@@ -477,7 +481,8 @@ class Pipeline:
         self._executor.shutdown(wait=False)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "onboard-stage")
         spec = self.specs[index]
-        self.stages[index] = spec.build(self.config.section(spec.name), self.context)
+        with trusting(self.trust):
+            self.stages[index] = spec.build(self.config.section(spec.name), self.context)
         self.telemetry.emit("stage_reset", stage=spec.name)
 
     def _quicklook(self, work: TileWork, factor: int, rgb: np.ndarray | None,
