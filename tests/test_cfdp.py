@@ -27,6 +27,7 @@ from onboard.runtime.config import config_from_dict
 from onboard.runtime.downlink.cfdp import (
     CfdpLinkConfig,
     CfdpTransmitter,
+    GroundStation,
     Impairments,
     SimulatedLink,
     UdpLink,
@@ -255,6 +256,22 @@ def test_an_eof_before_a_lost_metadata_pdu_is_not_forgotten(
     assert transmitter.link.ground.stats["eof_refed"] == len(some)
     assert transmitter.eof_resent == 0  # the ground did not wait for the sender to repeat it
     assert_ground_has_exactly(tmp_path / "ground", some)
+
+
+def test_a_sender_that_lost_its_numbering_is_not_answered_for_an_old_transaction(
+        products: list[tuple[str, Path]], tmp_path: Path) -> None:
+    """Two flight lives with the same transaction numbers (state lost in between): the ground
+    must store the second product, not answer its EOF with the first one's Finished."""
+    config = CfdpLinkConfig(**FAST)
+    ground = GroundStation(tmp_path / "ground", config)
+    for life, (item_id, path) in enumerate(products[:2]):
+        state = tmp_path / f"life{life}"
+        state.mkdir()
+        (state / "cfdp-seq.json").write_text(json.dumps({"next": 5}))
+        transmitter = CfdpTransmitter(config, SimulatedLink(ground, config), state)
+        assert transmitter.send(item_id, path, sha(path))
+        assert transmitter.results[-1].transaction == (config.flight_entity_id, 5)
+    assert_ground_has_exactly(tmp_path / "ground", products[:2])
 
 
 def test_the_end_of_a_pass_cuts_a_transfer_and_the_next_pass_sends_it_again(

@@ -49,6 +49,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import select
 import socket
 import time
@@ -83,10 +84,18 @@ from spacepackets.cfdp import (
     InvalidCrcError,
     MessageToUserTlv,
     PduFactory,
+    TlvType,
     TransactionId,
     TransmissionMode,
 )
-from spacepackets.cfdp.pdu import AckPdu, EofPdu, FileDataPdu, FinishedPdu, TransactionStatus
+from spacepackets.cfdp.pdu import (
+    AckPdu,
+    EofPdu,
+    FileDataPdu,
+    FinishedPdu,
+    MetadataPdu,
+    TransactionStatus,
+)
 from spacepackets.cfdp.pdu.file_data import FileDataParams
 from spacepackets.countdown import Countdown
 from spacepackets.seqcount import ProvidesSeqCount
@@ -629,7 +638,9 @@ class _DurableSeqCount(ProvidesSeqCount):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        start = 0
+        # A flight side whose state was lost (a fresh output folder) must not reuse the numbers
+        # of its earlier life, which a long-running ground still remembers: start anywhere.
+        start = secrets.randbits(31)
         if path.exists():
             try:
                 start = int(json.loads(path.read_text(encoding="utf-8"))["next"])
@@ -1161,6 +1172,21 @@ class _GroundTransaction:
             self.station._record(self)
 
 
+@dataclass(frozen=True)
+class _Retired:
+    """What the station keeps of a transaction it finished: its Finished PDU, for a sender that
+    missed it, and what identifies it against a sender reusing the number."""
+
+    finished: bytes | None
+    product: tuple[str | None, str | None]  # id, SHA-256
+    eof: tuple[int, bytes] | None  # file size, checksum
+
+
+def _messages(metadata: MetadataPdu) -> list[MessageToUserTlv]:
+    return [MessageToUserTlv.from_tlv(tlv) for tlv in metadata.options_as_tlv() or []
+            if tlv.tlv_type == TlvType.MESSAGE_TO_USER]
+
+
 class GroundStation:
     """The ground's CFDP entity and telemetry decoder, writing into ``root``.
 
@@ -1180,7 +1206,7 @@ class GroundStation:
                                                               ack_limit=1 << 30)])
         self.framer = _Framer(CFDP_UP_APID, PacketType.TC)
         self.active: dict[tuple[int, int], _GroundTransaction] = {}
-        self.retired: OrderedDict[tuple[int, int], bytes | None] = OrderedDict()
+        self.retired: OrderedDict[tuple[int, int], _Retired] = OrderedDict()
         self.telemetry = TelemetryDecoder()
         self.records: list[dict[str, Any]] = []
         self._flushed_records = 0
@@ -1214,8 +1240,14 @@ class GroundStation:
 
     def _route(self, pdu: Any) -> list[bytes]:
         key = _key(pdu)
-        if key in self.retired:
-            return self._answer_retired(pdu, self.retired[key])
+        retired = self.retired.get(key)
+        if retired is not None:
+            if isinstance(pdu, MetadataPdu) and _read_tags(_messages(pdu)) != retired.product:
+                # Another product under a number this station has finished: the sender's
+                # numbering started again; the new transaction is not the old one.
+                del self.retired[key]
+            else:
+                return self._answer_retired(pdu, retired)
         transaction = self.active.get(key)
         if transaction is None:
             # Only what may open a Class 2 transaction opens one (metadata, file data or EOF
@@ -1230,8 +1262,10 @@ class GroundStation:
         self._settle(transaction)
         return out
 
-    def _answer_retired(self, pdu: Any, finished: bytes | None) -> list[bytes]:
-        if isinstance(pdu, EofPdu):
+    def _answer_retired(self, pdu: Any, retired: _Retired) -> list[bytes]:
+        finished = retired.finished
+        if isinstance(pdu, EofPdu) and retired.eof in (None, (pdu.file_size,
+                                                               bytes(pdu.file_checksum))):
             # Work-around 3, after the transaction ended here: CFDP 4.7.2 wants every EOF
             # acknowledged, and the source needs the Finished it missed.
             self.stats["eof_reacked"] += 1
@@ -1254,7 +1288,10 @@ class GroundStation:
     def _retire(self, transaction: _GroundTransaction) -> None:
         transaction.abandon()
         self.active.pop(transaction.key, None)
-        self.retired[transaction.key] = transaction.last_finished
+        eof = transaction.eof
+        self.retired[transaction.key] = _Retired(
+            transaction.last_finished, (transaction.item_id, transaction.sha256),
+            None if eof is None else (eof.file_size, bytes(eof.file_checksum)))
         while len(self.retired) > 4096:
             self.retired.popitem(last=False)
 
