@@ -50,7 +50,8 @@ def matrix_markdown(rows: list[dict[str, Any]]) -> str:
 
 def e2e_markdown(e2e: dict[str, Any]) -> str:
     lines = ["| run | input | Mpx/s of 13-band input | wall s | read s (reader thread) | "
-             "stats s | stages s | products, plan, queue, link s | peak RSS MB | energy J/Mpx "
+             "stats s | stages s | rest s (run: plan, products, queue, link; score: "
+             "quicklook, tile telemetry, masks) | peak RSS MB | energy J/Mpx "
              "| load 1 min |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in e2e.get("runs", []):
         if "error" in r:
