@@ -1349,6 +1349,10 @@ def serve_udp(station: GroundStation, host: str, port: int, *, duration_s: float
     ``idle_exit_s`` after the first packet, or ``stop()`` says so; ``ready(port)`` is called
     once the socket is bound (``port`` 0 picks a free one)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # A pass arrives in bursts faster than Python reads them: a few MB of socket buffer keep
+    # the kernel from dropping what the impairments did not (the kernel may grant less).
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     try:
         sock.bind((host, port))
     except OSError as error:
