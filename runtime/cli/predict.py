@@ -20,6 +20,20 @@ from onboard.runtime.sources.oscd import open_scene
 from onboard.runtime.telemetry import Telemetry
 
 PNG_EDGE = 4096  # the quick-look's longest side, in pixels
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")  # preference order for the default
+
+
+def carried_backend(bundle: Path) -> str:
+    """The backend for an engine ``bundle`` carries, ONNX Runtime first; "onnxruntime" when
+    the bundle cannot be read here (open_engine then names what is wrong with it)."""
+    from onboard.runtime.bundle import Bundle
+    from onboard.runtime.errors import OnboardError
+
+    try:
+        engines = Bundle.open(bundle).manifest.engines
+    except OnboardError:
+        return BACKENDS[0]
+    return next((b for b in BACKENDS if b in engines), BACKENDS[0])
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +44,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                         "separated (e.g. blue,green,red,nir); default: from the file")
     parser.add_argument("--scale", type=float, help="input value -> model input scale for every "
                         "band (e.g. 1 for reflectance input); default: the bundle's")
-    parser.add_argument("--backend", default="onnxruntime",
-                        choices=["onnxruntime", "openvino", "tensorrt"])
+    parser.add_argument("--backend", default=None, choices=list(BACKENDS),
+                        help="default: the engine the bundle carries (ONNX Runtime first)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--batch", type=int, default=4, help="tiles per engine call")
@@ -48,6 +62,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_options(args)
+    # A bundle that carries only an OpenVINO IR runs on OpenVINO without --backend.
+    args.backend = args.backend or carried_backend(args.bundle)
     if args.reference is not None:  # change: a score per cell against an earlier scene
         from onboard.runtime.stages import change
 
