@@ -241,9 +241,21 @@ def test_normalise_real_dn(bundle_path, test_data):
         spec.normalise(dn[0])
 
 
-def test_input_spec_defaults():
-    spec = InputSpec(bands=["red"], scale=[1e-4], offset=[0.0], tile_size=64, gsd_m=10.0)
-    assert spec.dtype == "float32" and spec.layout == "NCHW"
+def test_input_spec_defaults(tmp_path, test_data):
+    # What the defaults mean: float32 NCHW model input, and they survive a bundle round trip.
+    spec = InputSpec(bands=["blue", "green", "red", "nir"], scale=[1e-4] * 4, offset=[0.0] * 4,
+                     tile_size=256, gsd_m=10.0)
+    dn = tifffile.imread(test_data / "oscd" / "paris" / "imgs_2" / "paris_B04.tif")
+    dn = np.stack([dn] * 4)[None]
+    x = spec.normalise(dn)
+    assert x.dtype == np.float32 and x.shape == dn.shape
+    np.testing.assert_allclose(x, dn * 1e-4, rtol=1e-6)
+    manifest = ukis_bundle.manifest()
+    manifest.inputs = [spec]
+    path = write_bundle(tmp_path / "defaults.onboard", manifest,
+                        {"model.onnx": ukis_bundle.onnx_bytes()})
+    reread = Bundle.open(path).manifest.input
+    assert (reread.dtype, reread.layout) == ("float32", "NCHW") and reread == spec
 
 
 def test_onboard_info_prints_the_manifest(bundle_path, capsys):
@@ -269,9 +281,17 @@ def test_onboard_info_reports_a_damaged_bundle(bundle_path, tmp_path, capsys):
     assert "checksum mismatch" in capsys.readouterr().err
 
 
-def test_bundle_errors_are_value_errors():
-    assert issubclass(BundleChecksumError, BundleError)
-    assert issubclass(BundleSchemaError, ValueError)
+def test_bundle_errors_are_value_errors(bundle_path, tmp_path):
+    # A damaged and a badly made bundle, caught as bundle errors and as plain ValueErrors.
+    data = bytearray(bundle_path.read_bytes())
+    data[-200] ^= 1
+    damaged = tmp_path / "damaged.onboard"
+    damaged.write_bytes(bytes(data))
+    bad = _repack(bundle_path, tmp_path / "bad.onboard", lambda m: m.update(task="flood"))
+    for path, error in ((damaged, BundleChecksumError), (bad, BundleSchemaError)):
+        for kind in (error, BundleError, ValueError):
+            with pytest.raises(kind, match=path.name):
+                Bundle.open(path)
 
 
 # -- schema 2: named inputs and outputs ---------------------------------------------------------

@@ -204,8 +204,22 @@ def test_nan_and_saturated_pixels_are_flagged(tmp_path, real_pixels):
         assert not frame.valid[50:].any() and frame.valid[:50].all()
 
 
-def test_every_error_is_an_onboard_error_and_a_builtin():
-    assert issubclass(CorruptTiffError, OnboardError) and issubclass(CorruptTiffError, ValueError)
-    from onboard.runtime.errors import ProductWriteError, SpoolError
+def test_every_error_is_an_onboard_error_and_a_builtin(tmp_path, real_pixels):
+    # Real failures, caught as a caller knowing only onboard's errors or only the builtins
+    # would catch them, each naming the file.
+    from onboard.runtime.sources.spool import Spool
 
-    assert issubclass(SpoolError, OSError) and issubclass(ProductWriteError, OSError)
+    garbage = tmp_path / "garbage.tif"
+    garbage.write_bytes(b"II*\x00" + bytes(range(256)) * 4)
+    for kind in (OnboardError, ValueError, CorruptTiffError):
+        with pytest.raises(kind, match="garbage.tif"):
+            GeoTiffScene(garbage)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for kind in (OnboardError, OSError):
+        with pytest.raises(kind, match="a-file"):
+            write_geotiff(blocker / "out.tif", real_pixels.pixels, real_pixels.bands,
+                          real_pixels.georef)
+        with pytest.raises(kind, match="no-such-spool"):
+            Spool(tmp_path / "no-such-spool")
+    assert not (blocker / "out.tif").exists() and blocker.read_text() == "not a folder"
