@@ -32,15 +32,9 @@ def torch_runner(model: Any, threads: int = 2) -> Runner:
 
 def ort_runner(path: Path, threads: int = 2, graph_optimization: str = "all") -> Runner:
     """ONNX Runtime on CPU, with the graph optimisation the flight engine would use."""
-    import onnxruntime as ort
+    from onboard.runtime.engines.onnxruntime import cpu_session
 
-    from onboard.runtime.engines.onnxruntime import graph_optimization_level
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = graph_optimization_level(graph_optimization)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path, threads, graph_optimization)
     name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:

@@ -8,10 +8,15 @@ imports this module to list its commands, never imports torch.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
+
+from onboard.runtime.errors import CompileError
 
 TARGETS = ("onnxruntime", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
+# What the compiler imports for every target (OpenVINO, NNCF and the peers only for some).
+COMPILE_MODULES = ("torch", "onnx", "onnxslim")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +57,18 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="do not reopen the bundle with the flight runtime to re-measure it")
 
 
+def require_compile_extra(modules: tuple[str, ...] = COMPILE_MODULES) -> None:
+    """Refuse, naming the extra, on an install without the ground compiler (the lean flight
+    install has no torch)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CompileError(
+            f"onboard compile needs the [compile] extra ({', '.join(missing)} not installed "
+            "here; the flight runtime does not carry them): pip install 'onboard[compile]'")
+
+
 def run(args: argparse.Namespace) -> int:
+    require_compile_extra()
     from onboard.compile import CompileOptions, compile_model, resolve_model
 
     options = CompileOptions(

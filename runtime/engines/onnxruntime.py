@@ -35,6 +35,33 @@ def graph_optimization_level(name: str) -> Any:
     return levels[name]
 
 
+def session_options(threads: int | None = None, graph_optimization: str = "all") -> Any:
+    """The one place ONNX Runtime sessions are set up (flight engine, compiler, evaluation):
+    ``threads`` intra-op threads and a single inter-op thread, warnings only, and the graph
+    optimisation level named as in :data:`GRAPH_OPTIMIZATION_LEVELS`."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    # Warnings only; shape warnings of models exported with fixed tile sizes are noise.
+    options.log_severity_level = 3
+    options.graph_optimization_level = graph_optimization_level(graph_optimization)
+    return options
+
+
+def cpu_session(model: str | Path | bytes, threads: int | None = None,
+                graph_optimization: str = "all") -> Any:
+    """An ONNX Runtime CPU session for a model file (or its bytes), set up as the flight engine
+    sets up its own."""
+    import onnxruntime as ort
+
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, session_options(threads, graph_optimization),
+                                providers=["CPUExecutionProvider"])
+
+
 class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
@@ -46,19 +73,13 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError(f"{self._where}: the bundle carries no ONNX model (it has "
                               f"{sorted(self.manifest.engines)})")
         providers = self._providers(ort.get_available_providers())
-        options = ort.SessionOptions()
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-        # Warnings only; shape warnings of models exported with fixed tile sizes are noise.
-        options.log_severity_level = 3
         hints = self.manifest.extra.get("onnxruntime")
         level = hints.get("graph_optimization", "all") if isinstance(hints, dict) else "all"
         if level not in GRAPH_OPTIMIZATION_LEVELS:
             raise EngineError(f"{self._where}: the manifest asks for ONNX Runtime graph "
                               f"optimisation {level!r}; known: "
                               f"{', '.join(GRAPH_OPTIMIZATION_LEVELS)}")
-        options.graph_optimization_level = graph_optimization_level(level)
+        options = session_options(self.threads, level)
         self.graph_optimization: str = level
         try:
             self._session = ort.InferenceSession(self.bundle.read(member), options,
