@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,28 @@ def _writer_alive(partial: Path) -> bool:
     return True
 
 
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_folder_sync() -> Iterator[None]:
+    """Within the block, renames made by :func:`atomic_path` on this thread fsync their folder
+    once, at the end of the block, instead of once per file: for writing many files (a pass's
+    products) before anything refers to them. Nothing may refer to those files (a queue entry,
+    a journal record) before the block ends."""
+    outer = getattr(_deferred, "folders", None)
+    if outer is not None:  # nested: the outermost block syncs
+        yield
+        return
+    _deferred.folders = folders = set()
+    try:
+        yield
+    finally:
+        _deferred.folders = None
+        for folder in sorted(folders):
+            fsync_dir(folder)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to; on a clean exit it is fsync'd and
@@ -90,7 +113,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if isinstance(error, OSError) and not isinstance(error, StorageError):
             raise StorageError(path, f"cannot write: {_reason(error)}") from error
         raise
-    fsync_dir(path.parent)
+    folders = getattr(_deferred, "folders", None)
+    if folders is None:
+        fsync_dir(path.parent)
+    else:
+        folders.add(str(path.parent))
 
 
 def _fsync_file(path: Path) -> None:

@@ -47,7 +47,12 @@ from onboard.runtime.downlink.planner import (
     repack,
 )
 from onboard.runtime.downlink.products import product_id
-from onboard.runtime.durability import remove_partials, write_json, write_text
+from onboard.runtime.durability import (
+    deferred_folder_sync,
+    remove_partials,
+    write_json,
+    write_text,
+)
 from onboard.runtime.errors import ConfigError, OnboardError, SceneError
 from onboard.runtime.frame import Frame
 from onboard.runtime.scores import Decision, TileScore
@@ -787,19 +792,25 @@ class PassRunner:
                for c in unmade]))
         kinds: dict[str, int] = {}
         planned = 0
-        for candidate in final:
-            product = made[candidate.product_id]
-            path = self._store(candidate, product, index)
-            if path is None:
-                continue
-            self.chosen[candidate.tile_id] = candidate.product_id
-            kinds[candidate.kind] = kinds.get(candidate.kind, 0) + 1
-            planned += product.size
-            self.queue.enqueue(candidate.product_id, path,
-                               priority=candidate.value_per_byte, window=index,
-                               sha256=product.sha256,
-                               meta={"tile": candidate.tile_id, "kind": candidate.kind,
-                                     "value": candidate.value})
+        stored: list[tuple[Candidate, Any, Path]] = []
+        # Every product and Item is on disk (files and folder synced once) before the queue
+        # names any of them; then the pass's products are queued in one transaction.
+        with deferred_folder_sync():
+            for candidate in final:
+                product = made[candidate.product_id]
+                path = self._store(candidate, product, index)
+                if path is not None:
+                    stored.append((candidate, product, path))
+        with self.queue.batch():
+            for candidate, product, path in stored:
+                self.chosen[candidate.tile_id] = candidate.product_id
+                kinds[candidate.kind] = kinds.get(candidate.kind, 0) + 1
+                planned += product.size
+                self.queue.enqueue(candidate.product_id, path,
+                                   priority=candidate.value_per_byte, window=index,
+                                   sha256=product.sha256,
+                                   meta={"tile": candidate.tile_id, "kind": candidate.kind,
+                                         "value": candidate.value})
         summary = {"start": now.isoformat(), "budget_bytes": window.budget_bytes,
                    "planned_bytes": planned, "chosen": sum(kinds.values()),
                    "chosen_kinds": kinds, "candidates": len(candidates),

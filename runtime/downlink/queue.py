@@ -126,6 +126,9 @@ class DownlinkQueue:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
+        if getattr(self, "_batching", False):  # inside batch(): its transaction holds this
+            yield
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -133,6 +136,16 @@ class DownlinkQueue:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Many changes as one transaction (one fsync): all of them, or none after a crash."""
+        with self._errors("batch"), self._transaction():
+            self._batching = True
+            try:
+                yield
+            finally:
+                self._batching = False
 
     def checkpoint(self) -> None:
         """Fold the write-ahead log back into the database (end of a pass): the WAL otherwise
