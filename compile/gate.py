@@ -19,6 +19,10 @@ import numpy as np
 from onboard.runtime.errors import AccuracyGateError, CompileError
 
 Metric = Callable[[list[np.ndarray], list[np.ndarray]], float]
+# A zoo entry that names its gate scenes (extra["gate_scenes"]) gates on at least this much data
+# no step trained or calibrated on: two tiles cannot see a regression.
+MIN_GATE_TILES = 64
+MIN_GATE_SCENES = 3
 
 
 def evaluate(run: Callable[[np.ndarray], np.ndarray],

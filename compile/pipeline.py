@@ -176,6 +176,8 @@ def _check_bands(what: str, x: np.ndarray, zoo: ZooModel, root: Path) -> None:
 
 
 def default_data_root() -> Path:
+    """The one default data root (zoo models' data, benches): ``ONBOARD_DATA``, else the
+    ``shared/data`` folder beside the repository."""
     default = Path(__file__).resolve().parents[2] / "shared" / "data"
     return Path(os.environ.get("ONBOARD_DATA", default))
 
@@ -347,6 +349,7 @@ def compile_model(zoo: ZooModel, out: Path, options: CompileOptions,
     model = load_model(build, weights)
     _progress(f"loading validation and calibration data from {root}")
     validation, tiles = load_data(zoo, root, options.calibration_tiles)
+    check_gate_set(zoo, validation)
     with torch.no_grad():
         try:
             sample_out = model(torch.from_numpy(validation[0][0][:1]))
@@ -535,6 +538,36 @@ def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps
     return {"model.onnx": onnx_path}, {"tensorrt": "model.onnx"}, notes
 
 
+def check_gate_set(zoo: ZooModel, validation: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """A zoo entry that names its gate scenes must gate on enough of them to see a regression:
+    at least ``gate.MIN_GATE_TILES`` tiles from ``gate.MIN_GATE_SCENES`` scenes."""
+    scenes = zoo.extra.get("gate_scenes")
+    if scenes is None:
+        return
+    scenes = list(scenes() if callable(scenes) else scenes)
+    tiles = int(sum(len(x) for x, _ in validation))
+    if tiles < gate.MIN_GATE_TILES or len(scenes) < gate.MIN_GATE_SCENES:
+        raise CompileError(
+            f"{zoo.name}: the accuracy gate would see {tiles} tiles from {len(scenes)} scenes; "
+            f"it needs at least {gate.MIN_GATE_TILES} tiles from {gate.MIN_GATE_SCENES} scenes "
+            "that were not used for training or calibration")
+
+
+def gate_extra(zoo: ZooModel, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``{"gate": {...}}`` for the manifest where the zoo entry names its validation scenes
+    (``extra["gate_scenes"]``, a list or a callable returning one): which scenes, how many
+    tiles and which metric every step was gated on, so a reader of the bundle can judge the
+    gate without the compile report."""
+    scenes = zoo.extra.get("gate_scenes")
+    if scenes is None:
+        return {}
+    scenes = list(scenes() if callable(scenes) else scenes)
+    return {"gate": {"scenes": scenes, "tiles": int(metrics["validation_tiles"]),
+                     "metric": zoo.metric_name,
+                     "fp32": metrics.get(f"{zoo.metric_name}_fp32"),
+                     "final": metrics.get(zoo.metric_name)}}
+
+
 def _write_bundle(out: Path, zoo: ZooModel, options: CompileOptions, members: dict[str, Path],
                   engines: dict[str, str], metrics: dict[str, Any], out_channels: int,
                   report: dict[str, Any], notes: dict[str, Any]) -> None:
@@ -569,7 +602,8 @@ def _write_bundle(out: Path, zoo: ZooModel, options: CompileOptions, members: di
         toolchain=report["toolchain"],
         extra={"compile": {"target": options.target, "prune": options.prune,
                            "max_drop": options.max_drop, "seed": options.seed,
-                           "metric": zoo.metric_name}, **notes, **manifest_extra},
+                           "metric": zoo.metric_name}, **notes, **manifest_extra,
+               **gate_extra(zoo, metrics)},
     )
     payload: dict[str, bytes | Path] = dict(members)
     payload["report.json"] = json.dumps(report, indent=2, default=str).encode()

@@ -562,3 +562,42 @@ def test_cli_real_cloud_zoo_model_to_openvino_int8(tmp_path: Path, shared_data: 
     assert bundle.manifest.input.scale == [1e-4] * 4
     assert report["bundle"]["verified_metric"] == pytest.approx(
         report["gate"]["steps"][-1]["metric"], abs=5e-3)
+
+
+def test_compile_on_a_lean_install_names_the_compile_extra(tmp_path: Path) -> None:
+    # The flight install has no torch: the command must say what to install, not trace back.
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from onboard.runtime.cli import main\n"
+            f"raise SystemExit(main(['compile', 'cloud-4band', '--target', 'onnxruntime', "
+            f"'--out', {str(tmp_path / 'x.onboard')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "[compile] extra" in result.stderr and "torch" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.onboard").exists()
+
+
+def test_gate_set_must_be_large_enough_and_is_named_in_the_manifest() -> None:
+    from onboard.compile.gate import MIN_GATE_SCENES, MIN_GATE_TILES
+    from onboard.compile.pipeline import check_gate_set, gate_extra
+
+    tile = np.zeros((1, 4, 16, 16), np.float32), np.zeros((1, 16, 16), np.uint8)
+    entry = ZooModel(name="tiny", task="cloud", version="0", build=lambda: None,
+                     weights=Path("w.pt"), bands=["blue"], input_scale=[1.0],
+                     input_offset=[0.0], tile_size=16, gsd_m=10.0, output_kind="classes",
+                     metric_name="boa", extra={"gate_scenes": ["a", "b", "c"]})
+    enough = [tile] * MIN_GATE_TILES
+    check_gate_set(entry, enough)
+    with pytest.raises(CompileError, match=f"{MIN_GATE_TILES - 1} tiles from 3 scenes"):
+        check_gate_set(entry, enough[1:])
+    entry.extra["gate_scenes"] = lambda: ["a", "b"]
+    with pytest.raises(CompileError, match=f"from {MIN_GATE_SCENES} scenes"):
+        check_gate_set(entry, enough)
+    got = gate_extra(entry, {"validation_tiles": 70, "boa": 0.9, "boa_fp32": 0.91})
+    assert got == {"gate": {"scenes": ["a", "b"], "tiles": 70, "metric": "boa", "fp32": 0.91,
+                            "final": 0.9}}
+    entry.extra.pop("gate_scenes")
+    check_gate_set(entry, [tile])  # entries that name no gate scenes are not held to it
+    assert gate_extra(entry, {"validation_tiles": 1}) == {}

@@ -8,7 +8,7 @@ imports this module to list its commands, never imports torch.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 from pathlib import Path
 
 from onboard.runtime.errors import CompileError
@@ -60,7 +60,12 @@ def register(parser: argparse.ArgumentParser) -> None:
 def require_compile_extra(modules: tuple[str, ...] = COMPILE_MODULES) -> None:
     """Refuse, naming the extra, on an install without the ground compiler (the lean flight
     install has no torch)."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
     if missing:
         raise CompileError(
             f"onboard compile needs the [compile] extra ({', '.join(missing)} not installed "
