@@ -37,6 +37,7 @@ import numpy as np
 from onboard.runtime.aoi import AoiConfig, AreaOfInterest
 from onboard.runtime.bundle.signature import TrustPolicy, trusting
 from onboard.runtime.config import Config, load_config, register_section
+from onboard.runtime.downlink import cfdp as _cfdp  # also registers [cfdp]
 from onboard.runtime.downlink.planner import (
     Candidate,
     ContactWindow,
@@ -575,7 +576,7 @@ class LinkConfig:
     """``[link]``: where the queue drains during each contact window. ``folder``: a receiver
     folder standing in for the ground station (relative to the output folder)."""
 
-    kind: Literal["none", "folder"] = "none"
+    kind: Literal["none", "folder", "cfdp"] = "none"  # cfdp: CFDP Class 2, see [cfdp]
     folder: str = "ground"
 
 
@@ -683,6 +684,8 @@ class PassRunner:
             folder = Path(link.folder)
             self.transmitter = FolderTransmitter(Receiver(folder if folder.is_absolute()
                                                           else out / folder))
+        elif link.kind == "cfdp":
+            self.transmitter = _cfdp.open_transmitter(config, out, self.telemetry)
 
     def close(self, quiet: bool = False) -> None:
         for close in (self.pipeline.close, self.queue.close, self.telemetry.close):
@@ -822,6 +825,9 @@ class PassRunner:
         if self.transmitter is not None:
             from onboard.runtime.downlink.link import drain
 
+            start_pass = getattr(self.transmitter, "start_pass", None)
+            if start_pass is not None:  # a link with its own notion of the pass (CFDP)
+                start_pass(window.budget_bytes)
             report = drain(self.queue, self.transmitter, window.budget_bytes, self.telemetry)
             summary["link"] = report.to_dict()
             self.link_report["sent"] += len(report.acknowledged) + len(report.not_acknowledged)

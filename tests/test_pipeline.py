@@ -329,3 +329,25 @@ def test_a_full_disk_stops_the_run_cleanly_and_loses_nothing_queued(tmp_path):
     again = subprocess.run(["onboard", "run", "--out", str(out)], capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_the_run_can_downlink_over_cfdp_with_losses(tmp_path):
+    """The same pass through CFDP Class 2 with 5 % of file-data PDUs lost: what the queue
+    marks acknowledged is on the ground once, bit for bit."""
+    from onboard.runtime.downlink.link import stored_name
+    from onboard.runtime.downlink.queue import DownlinkQueue, file_sha256
+
+    text = SAMPLE_TOML.read_text().replace('kind = "folder"', 'kind = "cfdp"')
+    sample = REPO / "runtime" / "sample"
+    text = (text.replace('"hongkong"', repr(str(sample / "hongkong")).replace("'", '"'))
+            .replace('"../../models', f'"{REPO}/models')
+            .replace('"keys/', f'"{sample}/keys/'))
+    (tmp_path / "c.toml").write_text(text + "\n[cfdp]\ndrop_rate = 0.05\nseed = 3\n")
+    result = pipeline.run(tmp_path / "c.toml", tmp_path / "out")
+    assert result.summary["link"]["acknowledged"] > 0
+    with DownlinkQueue(tmp_path / "out" / "queue.sqlite") as queue:
+        acknowledged = queue.items("acknowledged")
+    store = tmp_path / "out" / "ground" / "store"
+    assert len(list(store.iterdir())) == len(acknowledged)
+    for item in acknowledged:
+        assert file_sha256(store / stored_name(item.id)) == item.sha256
