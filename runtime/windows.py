@@ -133,6 +133,117 @@ class Stitcher:
         return self._filled == self.grid.height * self.grid.width
 
 
+class StreamingStitcher:
+    """Stitches tile results like :class:`Stitcher`, but hands the output on in row-major
+    ``block`` × ``block`` pieces, all channels, as soon as every tile under a row of pieces is
+    in, so only about ``block + tile × scale`` output rows are ever held (a ×2 product of a
+    10980² scene never sits in memory whole).
+
+    Tiles must arrive in the grid's order (as :func:`~onboard.runtime.sources.base.iter_tiles`
+    yields them); a tile that never arrives (unreadable, skipped) keeps ``fill``. Pieces come
+    from :meth:`stream` or :meth:`ready`, each ``(block, block, channels)`` (``(block, block)``
+    for one channel), padded with ``fill`` past the edge: the tile order and shape of a tiled,
+    pixel-interleaved GeoTIFF.
+    """
+
+    def __init__(self, grid: TileGrid, channels: int, dtype: np.dtype | type, scale: int = 1,
+                 block: int = 256, fill: float = 0) -> None:
+        if block <= 0 or scale <= 0:
+            raise ConfigError(f"block and scale must be positive, got {block} and {scale}")
+        self.grid = grid
+        self.channels = channels
+        self.dtype = np.dtype(dtype)
+        self.scale = scale
+        self.block = block
+        self.fill = fill
+        self.height, self.width = grid.height * scale, grid.width * scale
+        placements = list(grid)
+        self._columns = len({p.window.col_off for p in placements})
+        # Output row up to which the output is final once grid rows 0..i are all in.
+        self._row_ends = [p.core.row_off * scale + p.core.height * scale
+                          for p in placements[:: self._columns]]
+        self._total = len(placements)
+        self._next = 0  # the grid index expected next
+        self._final_rows = 0
+        self._emitted = 0  # output rows handed on so far (a multiple of block)
+        self._top = 0  # the output row at buffer row 0
+        self._buffer = self._blank(block + min(grid.tile, grid.height) * scale)
+
+    def _blank(self, rows: int) -> np.ndarray:
+        return np.full((rows, -(-self.width // self.block) * self.block, self.channels),
+                       self.fill, self.dtype)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the whole output."""
+        return (self.channels, self.height, self.width)
+
+    def add(self, placement: TilePlacement, result: np.ndarray) -> None:
+        expected = (placement.window.height * self.scale, placement.window.width * self.scale)
+        if result.ndim == 2:
+            result = result[None]
+        if result.shape[1:] != expected or result.shape[0] != self.channels:
+            raise ValueError(f"tile {placement.index} result is {result.shape}, expected "
+                             f"{(self.channels, *expected)}")
+        if placement.index < self._next:
+            raise ValueError(f"tile {placement.index} arrived after tile {self._next - 1}: "
+                             "tiles must come in the grid's order")
+        core = placement.core.scaled(self.scale)
+        inner = placement.core.relative_to(placement.window).scaled(self.scale)
+        top = core.row_off - self._top
+        if top + core.height > len(self._buffer):
+            grown = self._blank(top + core.height)
+            grown[: len(self._buffer)] = self._buffer
+            self._buffer = grown
+        rows, cols = inner.slices
+        self._buffer[top : top + core.height, core.col_off : core.col_off + core.width] = \
+            np.moveaxis(result[:, rows, cols], 0, -1)
+        self._advance(placement.index + 1)
+
+    def _advance(self, next_index: int) -> None:
+        self._next = next_index
+        done_rows = next_index // self._columns
+        if done_rows:
+            self._final_rows = self._row_ends[done_rows - 1]
+
+    def finish(self) -> None:
+        """Every tile has been given (those missing stay ``fill``)."""
+        self._advance(self._total)
+        self._final_rows = self.height
+
+    def ready(self) -> Iterator[np.ndarray]:
+        """The pieces whose rows are final, in order; each is handed on once."""
+        b = self.block
+        while self._emitted < self.height and (
+                self._emitted + b <= self._final_rows or self._final_rows >= self.height):
+            start = self._emitted - self._top
+            rows = self._buffer[start : start + b]
+            if len(rows) < b:  # the last row of pieces, past the bottom edge
+                rows = np.concatenate([rows, self._blank(b - len(rows))])
+            for col in range(0, self._buffer.shape[1], b):
+                piece = np.ascontiguousarray(rows[:, col : col + b])
+                yield piece[..., 0] if self.channels == 1 else piece
+            self._emitted += b
+            self._drop_emitted()
+
+    def _drop_emitted(self) -> None:
+        # Shift in place: a fresh buffer per row of pieces would double the peak memory.
+        start = self._emitted - self._top
+        kept = len(self._buffer) - start
+        self._buffer[:kept] = self._buffer[start:]
+        self._buffer[kept:] = self.fill
+        self._top = self._emitted
+
+    def stream(self, results: Iterator[tuple[TilePlacement, np.ndarray]]
+               ) -> Iterator[np.ndarray]:
+        """Pieces of the output, pulling tile results from ``results`` only as needed."""
+        for placement, result in results:
+            self.add(placement, result)
+            yield from self.ready()
+        self.finish()
+        yield from self.ready()
+
+
 def tile_array(pixels: np.ndarray, grid: TileGrid) -> Iterator[tuple[TilePlacement, np.ndarray]]:
     """Tiles of an in-memory (bands, height, width) array."""
     for placement in grid:

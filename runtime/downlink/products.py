@@ -6,7 +6,10 @@ Four kinds, cheapest first:
 - ``mask``: named uint8 layers (the cloud class mask; later stages add theirs) as a zstd GeoTIFF;
 - ``full``: every band, lossless: tiled zstd GeoTIFF with the horizontal predictor;
 - ``near_lossless``: every band in LERC (its own zstd layer behind it), every decoded value within
-  ``max_error_dn`` of the original.
+  ``max_error_dn`` of the original;
+- ``superres``: the tile's ``superres_bands`` at ``superres_scale`` times their sampling (the
+  super-resolution bundle of ``[superres]``, see :mod:`onboard.runtime.stages.superres`),
+  lossless zstd. Not in the default kinds: it costs a model run, so a config asks for it.
 
 A maker returns a :class:`Product`: the encoded bytes with kind, media type, suffix and metadata,
 so the size the planner records is the real compressed size, known before anything is written.
@@ -41,7 +44,9 @@ from onboard.runtime.georef import Georef
 from onboard.runtime.png import encode_png
 from onboard.runtime.windows import Window
 
-PRODUCT_KINDS = ("thumbnail", "mask", "full", "near_lossless")
+PRODUCT_KINDS = ("thumbnail", "mask", "full", "near_lossless", "superres")
+# What the planner chooses from unless products.kinds says otherwise.
+DEFAULT_KINDS = ("thumbnail", "mask", "full", "near_lossless")
 COMPRESSIONS = ("zstd", "deflate", "lerc", "none")
 GEOTIFF_MEDIA_TYPE = "image/tiff; application=geotiff"
 PNG_MEDIA_TYPE = "image/png"
@@ -51,12 +56,14 @@ PNG_MEDIA_TYPE = "image/png"
 class ProductConfig:
     """``[products]``: which kinds the planner may choose from and how each is made."""
 
-    kinds: tuple[str, ...] = PRODUCT_KINDS
+    kinds: tuple[str, ...] = DEFAULT_KINDS
     max_error_dn: float = 2.0  # near_lossless: no decoded value is further than this from the DN
     thumbnail_scale: int = 4  # thumbnail pixels are the mean of scale × scale tile pixels
     thumbnail_bands: tuple[str, ...] = ("red", "green", "blue")
     compression_level: int = 3  # zstd; 9 saves ~2 % on Sentinel-2 tiles at 4x the time
     tile: int = 256  # internal GeoTIFF tile size (a multiple of 16)
+    superres_bands: tuple[str, ...] = ("blue", "green", "red", "nir")
+    superres_scale: int = 2  # superres pixels per input pixel, along each axis
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.kinds if k not in PRODUCT_KINDS]
@@ -79,6 +86,10 @@ class ProductConfig:
                               f"{self.compression_level}")
         if self.tile < 16 or self.tile % 16:
             raise ConfigError(f"products.tile must be a positive multiple of 16, got {self.tile}")
+        if not self.superres_bands or not 1 <= self.superres_scale <= 8:
+            raise ConfigError(f"products.superres_bands must name a band and superres_scale be "
+                              f"in [1, 8], got {list(self.superres_bands)} and "
+                              f"{self.superres_scale}")
 
 
 register_section("products", ProductConfig, doc="product kinds and how they are encoded")
@@ -186,17 +197,20 @@ def _tiff_tags(bands: list[str] | tuple[str, ...], georef: Georef | None, acquir
 
 def _write_tiff(target: Any, pixels: np.ndarray | Iterable[np.ndarray],
                 shape: tuple[int, int, int], dtype: np.dtype, tile: int, description: str,
-                extratags: list[Any], options: dict[str, Any]) -> None:
+                extratags: list[Any], options: dict[str, Any], planar: str = "separate") -> None:
     with tifffile.TiffWriter(target, bigtiff=_needs_bigtiff(shape, dtype)) as tif:
         single = shape[0] == 1
         if single and isinstance(pixels, np.ndarray):
             pixels = pixels[0]
+        contig = planar == "contig" and not single
+        if contig and isinstance(pixels, np.ndarray):
+            pixels = np.moveaxis(pixels, 0, -1)
         tif.write(
             pixels,
-            shape=shape[1:] if single else shape,
+            shape=shape[1:] if single else (*shape[1:], shape[0]) if contig else shape,
             dtype=dtype,
             tile=(tile, tile),
-            planarconfig=None if single else "separate",
+            planarconfig=None if single else planar,
             photometric="minisblack",
             description=description,
             metadata=None,
@@ -251,12 +265,17 @@ def write_geotiff(
     acquired: datetime | None = None,
     source_id: str = "",
     extra: dict[str, Any] | None = None,
+    planar: str = "separate",
 ) -> Path:
     """Write (bands, height, width) pixels as a tiled, compressed, planar GeoTIFF, atomically.
 
     ``pixels`` may also be an iterator of tiles (each ``tile`` × ``tile``, band by band, rows
     then columns, edge tiles padded) with ``shape`` and ``dtype`` given, to write scenes larger
     than memory: those are streamed to the temporary file rather than encoded in memory.
+    ``planar="contig"`` stores the bands pixel-interleaved instead, each tile then
+    ``(tile, tile, bands)`` with every band, rows then columns: the order in which a tiled
+    producer (:class:`~onboard.runtime.windows.StreamingStitcher`) finishes them, so a
+    many-band scene streams through a band of rows rather than whole bands.
     """
     path = Path(path)
     if isinstance(pixels, np.ndarray):
@@ -270,9 +289,12 @@ def write_geotiff(
     dtype = np.dtype(dtype)
     options = _geotiff_options(dtype, compression, level, max_error)
     description, extratags = _tiff_tags(bands, georef, acquired, source_id, extra)
+    if planar not in ("separate", "contig"):
+        raise ValueError(f"planar must be 'separate' or 'contig', got {planar!r}")
     try:
         with atomic_path(path) as tmp:
-            _write_tiff(tmp, pixels, shape, dtype, tile, description, extratags, options)
+            _write_tiff(tmp, pixels, shape, dtype, tile, description, extratags, options,
+                        planar)
     except ProductWriteError:
         raise
     except StorageError as error:
@@ -331,6 +353,23 @@ def make_near_lossless(frame: Frame, config: ProductConfig = ProductConfig()) ->
     return _geotiff_product("near_lossless", data, frame, ("data",), {
         "bands": _band_names(frame), "dtype": str(frame.pixels.dtype), "compression": "lerc",
         "lossless": bound == 0.0, "max_error_dn": bound})
+
+
+def make_superres(frame: Frame, config: ProductConfig = ProductConfig()) -> Product:
+    """The super-resolved bands of a tile, lossless (zstd with the horizontal predictor).
+
+    ``frame`` is the super-resolution output (:meth:`SuperResolver.upsample
+    <onboard.runtime.stages.superres.SuperResolver.upsample>`): its pixels, bands and georef
+    are those of the finer grid, which covers the same footprint, so the product's ``shape``
+    and ``georef`` (and its STAC ``proj:`` fields) describe the image as stored.
+    """
+    data = encode_geotiff(frame.pixels, frame.bands, frame.georef, compression="zstd",
+                          level=config.compression_level, tile=config.tile,
+                          acquired=frame.acquired, source_id=frame.source_id,
+                          extra={"kind": "superres", "scale_factor": config.superres_scale})
+    return _geotiff_product("superres", data, frame, ("data", "superres"), {
+        "bands": _band_names(frame), "dtype": str(frame.pixels.dtype), "compression": "zstd",
+        "lossless": True, "scale_factor": config.superres_scale, "gsd_m": frame.gsd_m})
 
 
 def make_mask(layers: Mapping[str, np.ndarray], georef: Georef | None, *,
@@ -405,9 +444,11 @@ def _geotiff_product(kind: str, data: bytes, frame: Frame, roles: tuple[str, ...
 _FIRST_GUESS_BITS: dict[str, dict[str, float]] = {
     "full": {"10": 9.5, "20": 3.3, "60": 0.4},
     "near_lossless": {"10": 6.6, "20": 4.9, "60": 1.0},
+    # The x2 bands of the sample: smoother than the originals, per (finer) sample.
+    "superres": {"10": 7.5, "20": 3.0, "60": 0.4},
 }
 _FIRST_GUESS_OVERHEAD = {"full": 1200.0, "near_lossless": 1400.0, "mask": 800.0,
-                         "thumbnail": 60.0}
+                         "thumbnail": 60.0, "superres": 1200.0}
 _FIRST_GUESS_MASK_BITS = 0.15  # per pixel per layer: class masks are long runs
 _FIRST_GUESS_THUMBNAIL_BITS = 20.0  # per RGB pixel: unfiltered stretched imagery barely packs
 
@@ -427,15 +468,17 @@ class SizeModel:
     The estimate costs a dictionary look-up per band: nothing of the pixels is read.
     """
 
-    def __init__(self, alpha: float = 0.3, max_error_dn: float = 2.0) -> None:
+    def __init__(self, alpha: float = 0.3, max_error_dn: float = 2.0,
+                 superres_scale: int = 2) -> None:
         self.alpha = alpha
         self.max_error_dn = max_error_dn
+        self.superres_scale = superres_scale
         self.rates: dict[tuple[str, str], float] = {}  # (kind, band or "*") -> bits per sample
         self.overhead: dict[str, float] = {}
         self.made: dict[str, int] = {}
 
     def _guess(self, kind: str, band: str) -> float:
-        if kind in ("full", "near_lossless"):
+        if kind in ("full", "near_lossless", "superres"):
             known = SENTINEL2_BY_NAME.get(band.upper())
             res = "10" if known is None else str(int(known.gsd_m))
             bits = _FIRST_GUESS_BITS[kind][res]
@@ -450,7 +493,11 @@ class SizeModel:
 
     def estimate(self, kind: str, shape: tuple[int, int], bands: list[str] | tuple[str, ...],
                  thumbnail_scale: int = 4) -> int:
+        """Bytes of ``kind`` for a tile of ``shape`` on the acquisition's grid (a superres
+        product holds ``superres_scale``² times its pixels)."""
         h, w = shape
+        if kind == "superres":
+            h, w = h * self.superres_scale, w * self.superres_scale
         overhead = self.overhead.get(kind, _FIRST_GUESS_OVERHEAD[kind])
         if kind == "thumbnail":
             pixels = -(-h // thumbnail_scale) * -(-w // thumbnail_scale)
@@ -493,7 +540,8 @@ class ProductMaker:
 
     def __init__(self, config: ProductConfig = ProductConfig(), alpha: float = 0.3) -> None:
         self.config = config
-        self.sizes = SizeModel(alpha=alpha, max_error_dn=config.max_error_dn)
+        self.sizes = SizeModel(alpha=alpha, max_error_dn=config.max_error_dn,
+                               superres_scale=config.superres_scale)
 
     def estimate_bytes(self, kind: str, frame: Frame, *, layers: int | list[str] = 1) -> int:
         """Bytes the ``kind`` product of ``frame`` is expected to take (``layers``: how many
@@ -502,13 +550,15 @@ class ProductMaker:
         if kind == "mask":
             names = [f"layer{i}" for i in range(layers)] if isinstance(layers, int) else layers
             return self.sizes.estimate(kind, frame.shape, ["*"] * len(names))
-        bands = list(self.config.thumbnail_bands) if kind == "thumbnail" else list(frame.bands)
+        bands = list(self.config.thumbnail_bands) if kind == "thumbnail" else list(
+            self.config.superres_bands) if kind == "superres" else list(frame.bands)
         return self.sizes.estimate(kind, frame.shape, bands, self.config.thumbnail_scale)
 
     def make(self, kind: str, frame: Frame, *,
              layers: Mapping[str, np.ndarray] | None = None) -> Product:
         """The ``kind`` product of ``frame`` (a tile's core); ``layers`` for the mask, on the
-        frame's grid."""
+        frame's grid. For ``superres``, ``frame`` is the super-resolved core (see
+        :func:`make_superres`)."""
         self._check_kind(kind)
         if kind == "full":
             product = make_full(frame, self.config)
@@ -516,6 +566,8 @@ class ProductMaker:
             product = make_near_lossless(frame, self.config)
         elif kind == "thumbnail":
             product = make_thumbnail(frame, self.config)
+        elif kind == "superres":
+            product = make_superres(frame, self.config)
         else:
             if layers is None:
                 raise BandError(frame.source_id or None, "a mask product needs its layers")
