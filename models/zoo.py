@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 # Each zoo module registers its entries when imported; listed here so lookup is explicit.
-_MODULES = ("onboard.models.cloud", "onboard.models.change")
+_MODULES = ("onboard.models.cloud", "onboard.models.change", "onboard.models.superres")
 
 
 @dataclass

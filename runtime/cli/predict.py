@@ -61,6 +61,10 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from onboard.runtime.stages import superres
+
+    if superres.is_superres_bundle(args.bundle):  # values at a new pixel size, streamed
+        return superres.predict(args)
     _check_options(args)
     # A bundle that carries only an OpenVINO IR runs on OpenVINO without --backend.
     args.backend = args.backend or carried_backend(args.bundle)

@@ -1,0 +1,291 @@
+"""Held-out evaluation of both super-resolution models against the classical baselines, all
+measured in this one run: ``python -m onboard.models.superres.evaluate``.
+
+Wald's protocol on the held-out scenes (``dataset.HELDOUT``), whole: ×2 from the 10 m bands
+averaged to 20 m, truth the 10 m bands; sharpening one scale down, truth the original 20 m
+bands. PSNR (peak 10000 DN) and SSIM per band for bicubic and Lanczos (PIL on float32 planes),
+high-pass detail injection (sharpening), the fp32 torch model and the shipped bundles as the
+flight runtime runs them (ONNX Runtime, fp32 golden and INT8); SAM for the sharpened bands;
+the ×2 model band-wise on the WorldView pan crops (peak 2047); throughput in Mpx/s of input and
+of output. Writes ``results.json``, ``results.md`` and ``heldout_crops.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from onboard.models.superres import HERE, TILES, dataset, metrics
+from onboard.models.superres.model import build_sharpen, build_x2, count_parameters
+from onboard.models.superres.train import WEIGHTS, default_root
+
+PAN_PEAK = 2047.0
+# The pan crops (11-bit DN) enter the ×2 model as reflectance-like values of the same order as
+# Sentinel-2's: DN / 2047 * PAN_GAIN.
+PAN_GAIN = 0.5
+
+
+def bundle_path(task: str, precision: str) -> Path:
+    return HERE / f"superres-{task}-{precision}-ort.onboard"
+
+
+def load_model(task: str) -> torch.nn.Module:
+    model = build_x2() if task == "x2" else build_sharpen()
+    model.load_state_dict(torch.load(WEIGHTS[task], map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+class Runners:
+    """The ways each model is run here: torch fp32 and the flight runtime's bundles."""
+
+    def __init__(self, task: str, threads: int) -> None:
+        from onboard.runtime.engines import open_engine
+
+        self.task = task
+        self.model = load_model(task)
+        self.engines: dict[str, Any] = {}
+        for precision in ("fp32", "int8"):
+            path = bundle_path(task, precision)
+            if path.exists():
+                self.engines[precision] = open_engine(path, "onnxruntime", "cpu",
+                                                      threads=threads)
+
+    def run(self, how: str, x: np.ndarray) -> np.ndarray:
+        """Reflectance (N, C, H, W) in, out."""
+        if how == "torch":
+            with torch.no_grad():
+                return self.model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+        return self.engines[how].run(np.ascontiguousarray(x, np.float32))
+
+    @property
+    def ways(self) -> list[str]:
+        return ["torch", *self.engines]
+
+
+def _band_table(estimate: np.ndarray, truth: np.ndarray, peak: float) -> dict[str, Any]:
+    p = metrics.psnr_bands(estimate, truth, peak)
+    s = metrics.ssim_bands(estimate, truth, peak)
+    return {"psnr": [round(v, 3) for v in p], "ssim": [round(v, 5) for v in s],
+            "psnr_mean": round(float(np.mean(p)), 3), "ssim_mean": round(float(np.mean(s)), 5)}
+
+
+def evaluate_x2(scenes: list[dataset.Scene], runners: Runners) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for scene in scenes:
+        x, truth = dataset.x2_pair(scene)
+        methods = {"bicubic": metrics.resize(x, 2), "lanczos": metrics.resize(x, 2, "lanczos")}
+        for how in runners.ways:
+            methods[f"model_{how}"] = runners.run(how, x[None] * dataset.DN_SCALE)[0] / \
+                dataset.DN_SCALE
+        out[scene.name] = {m: _band_table(v, truth, dataset.PEAK_DN) for m, v in methods.items()}
+    return out
+
+
+def evaluate_sharpen(scenes: list[dataset.Scene], runners: Runners) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for scene in scenes:
+        x, truth = dataset.sharpen_pair(scene)
+        coarse = dataset.area_down(truth)
+        methods = {"bicubic": metrics.resize(coarse, 2),
+                   "lanczos": metrics.resize(coarse, 2, "lanczos"),
+                   "detail_injection": metrics.detail_injection(coarse, x[:4])}
+        for how in runners.ways:
+            methods[f"model_{how}"] = runners.run(how, x[None] * dataset.DN_SCALE)[0] / \
+                dataset.DN_SCALE
+        scores = {}
+        for name, estimate in methods.items():
+            scores[name] = _band_table(estimate, truth, dataset.PEAK_DN)
+            scores[name]["sam_deg"] = round(metrics.sam_degrees(estimate, truth), 4)
+        out[scene.name] = scores
+    return out
+
+
+def evaluate_pan(root: Path, runners: Runners) -> dict[str, Any]:
+    """The ×2 model on each WorldView pan crop, band-wise: the one band fills all four inputs
+    and the four outputs are averaged."""
+    import tifffile
+
+    out: dict[str, Any] = {}
+    for path in sorted((root / "sr").glob("spacenet_pan*.tif")):
+        pan = tifffile.imread(path).astype(np.float32)[None]
+        pan = pan[:, : pan.shape[1] // 2 * 2, : pan.shape[2] // 2 * 2]
+        low = dataset.area_down(pan)
+        methods = {"bicubic": metrics.resize(low, 2), "lanczos": metrics.resize(low, 2, "lanczos")}
+        x = np.repeat(low[None], 4, axis=1) * (PAN_GAIN / PAN_PEAK)
+        for how in runners.ways:
+            methods[f"model_{how}"] = runners.run(how, x)[0].mean(0, keepdims=True) * (
+                PAN_PEAK / PAN_GAIN)
+        out[path.stem] = {m: _band_table(v, pan, PAN_PEAK) for m, v in methods.items()}
+    return out
+
+
+def throughput(runners: Runners, batch: int = 4, repeats: int = 5) -> dict[str, Any]:
+    """Mpx/s of input and of output, one batch of ``batch`` tiles at the bundle's tile size,
+    median of ``repeats`` runs after a warm-up."""
+    size = TILES[runners.task]
+    channels = 4 if runners.task == "x2" else 10
+    scale = 2 if runners.task == "x2" else 1
+    x = np.random.default_rng(0).uniform(0.05, 0.3, (batch, channels, size, size)).astype(
+        np.float32)
+    result = {}
+    for how in runners.ways:
+        runners.run(how, x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runners.run(how, x)
+            times.append(time.perf_counter() - t0)
+        t = float(np.median(times))
+        pixels = batch * size * size
+        result[how] = {"input_mpx_s": round(pixels / t / 1e6, 3),
+                       "output_mpx_s": round(pixels * scale * scale / t / 1e6, 3),
+                       "ms_per_batch": round(t * 1e3, 1)}
+    return result
+
+
+def _stretch(rgb: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    return (np.clip((rgb - low) / (high - low), 0, 1) * 255).astype(np.uint8)
+
+
+def comparison_png(root: Path, x2: Runners, sharpen: Runners, path: Path) -> Path:
+    """Bicubic | model | truth on a held-out Malmö crop: ×2 RGB on the top row, sharpened
+    B12/B8A/B05 false colour below (each panel nearest-enlarged so pixels show)."""
+    from PIL import Image
+
+    scene = dataset.load(root, dataset.MALMO)
+    rows = []
+    x, truth = dataset.x2_pair(scene)
+    model = x2.run("int8" if "int8" in x2.engines else "torch", x[None] * 1e-4)[0] * 1e4
+    window = (slice(200, 328), slice(260, 388))
+    panels = [metrics.resize(x, 2)[:3][::-1], model[:3][::-1], truth[:3][::-1]]
+    crops = [p[(slice(None), *window)] for p in panels]
+    low, high = np.percentile(crops[2], 1, axis=(1, 2))[:, None, None], np.percentile(
+        crops[2], 99, axis=(1, 2))[:, None, None]
+    rows.append([_stretch(c, low, high) for c in crops])
+    xs, truth20 = dataset.sharpen_pair(scene)
+    coarse = dataset.area_down(truth20)
+    model = sharpen.run("int8" if "int8" in sharpen.engines else "torch", xs[None] * 1e-4)[0] * 1e4
+    pick = [5, 3, 0]  # B12, B8A, B05
+    window = (slice(60, 124), slice(130, 194))
+    panels = [metrics.resize(coarse, 2)[pick], model[pick], truth20[pick]]
+    crops = [p[(slice(None), *window)] for p in panels]
+    low, high = np.percentile(crops[2], 1, axis=(1, 2))[:, None, None], np.percentile(
+        crops[2], 99, axis=(1, 2))[:, None, None]
+    rows.append([np.repeat(np.repeat(_stretch(c, low, high), 2, 1), 2, 2) for c in crops])
+    gap = 6
+    height = sum(r[0].shape[1] for r in rows) + gap
+    width = sum(p.shape[2] for p in rows[0]) + 2 * gap
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    top = 0
+    for row in rows:
+        left = 0
+        for panel in row:
+            image = np.repeat(np.repeat(np.moveaxis(panel, 0, -1), 2, 0), 1, 1)[::2]
+            canvas[top : top + image.shape[0], left : left + image.shape[1]] = image
+            left += image.shape[1] + gap
+        top += row[0].shape[1] + gap
+    scale = 3
+    big = np.repeat(np.repeat(canvas, scale, 0), scale, 1)
+    Image.fromarray(big).save(path)
+    return path
+
+
+def _gain_summary(results: dict[str, Any], task: str) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for scene, methods in results.items():
+        bic = np.array(methods["bicubic"]["psnr"])
+        row: dict[str, Any] = {}
+        for name, table in methods.items():
+            if name == "bicubic":
+                continue
+            row[f"{name}_gain_db"] = round(float(np.mean(np.array(table["psnr"]) - bic)), 3)
+        if task == "sharpen":
+            di = np.array(methods["detail_injection"]["psnr"])
+            for how in ("model_torch", "model_int8"):
+                if how in methods:
+                    row[f"{how}_over_detail_injection_db"] = [
+                        round(float(v), 3) for v in np.array(methods[how]["psnr"]) - di]
+        if "model_int8" in methods:
+            row["int8_minus_fp32_db"] = round(methods["model_int8"]["psnr_mean"]
+                                              - methods["model_torch"]["psnr_mean"], 3)
+        summary[scene] = row
+    return summary
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["# Super-resolution: held-out results", "",
+             f"Measured in one run by `python -m onboard.models.superres.evaluate` on "
+             f"{report['machine']}. Wald's protocol, whole held-out scenes "
+             f"({', '.join(dataset.HELDOUT)}; first date of each OSCD city); PSNR in dB at peak "
+             "10000 DN (pan crops: 2047), SSIM (Gaussian σ 1.5), SAM in degrees.", ""]
+    for task, bands in (("x2", list(dataset.BANDS_10)), ("sharpen", list(dataset.BANDS_20))):
+        title = "×2 of the 10 m bands (20 m → 10 m)" if task == "x2" else \
+            "Sharpening 20 m bands, one scale down (40 m → 20 m guided by 20 m)"
+        lines += [f"## {title}", "",
+                  f"Parameters: {report['params'][task]}.", "",
+                  "| scene | method | " + " | ".join(f"PSNR {b}" for b in bands)
+                  + " | PSNR mean | SSIM mean |" + (" SAM |" if task == "sharpen" else ""),
+                  "|---|---|" + "---|" * (len(bands) + 2 + (task == "sharpen"))]
+        for scene, methods in report[task].items():
+            for name, t in methods.items():
+                lines.append(f"| {scene} | {name} | " + " | ".join(f"{v:.2f}" for v in t["psnr"])
+                             + f" | {t['psnr_mean']:.2f} | {t['ssim_mean']:.4f} |"
+                             + (f" {t['sam_deg']:.3f} |" if task == "sharpen" else ""))
+        lines += ["", "Gains (dB, mean over bands, against bicubic; INT8 − fp32):", ""]
+        for scene, row in report["gains"][task].items():
+            lines.append(f"- {scene}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+        lines += ["", "Throughput (one batch of 4 tiles, "
+                  f"{TILES[task]}² input, {report['threads']} threads):", ""]
+        for how, t in report["throughput"][task].items():
+            lines.append(f"- {how}: {t['input_mpx_s']} Mpx/s input, {t['output_mpx_s']} Mpx/s "
+                         f"output ({t['ms_per_batch']} ms per batch)")
+        lines.append("")
+    lines += ["## ×2 on the WorldView pan crops (second sensor, band-wise)", "",
+              "| crop | method | PSNR | SSIM |", "|---|---|---|---|"]
+    for crop, methods in report["pan"].items():
+        for name, t in methods.items():
+            lines.append(f"| {crop} | {name} | {t['psnr_mean']:.2f} | {t['ssim_mean']:.4f} |")
+    lines += ["", "![bicubic / model / truth](heldout_crops.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", type=Path, default=Path(os.environ.get("ONBOARD_DATA",
+                                                                         default_root())))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    scenes = dataset.heldout_scenes(args.root)
+    x2, sharpen = Runners("x2", args.threads), Runners("sharpen", args.threads)
+    report: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), load "
+                   f"{os.getloadavg()[0]:.1f}",
+        "threads": args.threads,
+        "heldout": [s.name for s in scenes],
+        "params": {"x2": count_parameters(x2.model), "sharpen": count_parameters(sharpen.model)},
+        "x2": evaluate_x2(scenes, x2),
+        "sharpen": evaluate_sharpen(scenes, sharpen),
+        "pan": evaluate_pan(args.root, x2),
+    }
+    report["gains"] = {"x2": _gain_summary(report["x2"], "x2"),
+                       "sharpen": _gain_summary(report["sharpen"], "sharpen"),
+                       "pan": _gain_summary(report["pan"], "x2")}
+    report["throughput"] = {"x2": throughput(x2), "sharpen": throughput(sharpen)}
+    comparison_png(args.root, x2, sharpen, args.out / "heldout_crops.png")
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
