@@ -209,13 +209,26 @@ def discover(config: Config, archive: Sequence[str | Path]) -> Archive:
                    tuple(errors))
 
 
-def partition(scenes: Sequence[SceneRef]) -> list[Partition]:
-    """Group scenes whose footprints overlap (transitively): one reference store each.
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]
+             ) -> bool:
+    return b[0] < a[2] and a[0] < b[2] and b[1] < a[3] and a[1] < b[3]
 
+
+def partition(scenes: Sequence[SceneRef], by: str = "footprint") -> list[Partition]:
+    """Group scenes into partitions: one reference store each, scored in order by one task.
+
+    ``footprint`` (the default, exact): scenes whose footprints overlap, transitively.
     Footprints are WGS84 bounding boxes; touching edges share no cell, so only a positive
     overlap joins two scenes. A scene without georeferencing has no store cell to share and
-    goes with the other scenes of its place name. Each partition keeps the archive's order.
+    goes with the other scenes of its place name. ``place``: one partition per place name (an
+    OSCD city, a Sentinel-2 tile id), for archives whose places overlap a little everywhere
+    (Sentinel-2 tiles overlap their neighbours by 9.8 km, which would join a whole UTM zone
+    into one partition): references in those overlaps are then not shared between places, as
+    one store would share them (:func:`overlapping_partitions` lists the pairs). Each
+    partition keeps the archive's order.
     """
+    if by not in ("footprint", "place"):
+        raise ConfigError(f"partition by 'footprint' or 'place', got {by!r}")
     parent = list(range(len(scenes)))
 
     def root(i: int) -> int:
@@ -230,16 +243,17 @@ def partition(scenes: Sequence[SceneRef]) -> list[Partition]:
             parent[max(ri, rj)] = min(ri, rj)
 
     by_place: dict[str, int] = {}
-    boxes = [(i, s.bounds) for i, s in enumerate(scenes) if s.bounds is not None]
-    boxes.sort(key=lambda item: item[1][0])  # sweep by west edge
-    for index, (i, a) in enumerate(boxes):
-        for j, b in boxes[index + 1:]:
-            if b[0] >= a[2]:
-                break
-            if b[1] < a[3] and a[1] < b[3]:
-                join(i, j)
+    if by == "footprint":
+        boxes = [(i, s.bounds) for i, s in enumerate(scenes) if s.bounds is not None]
+        boxes.sort(key=lambda item: item[1][0])  # sweep by west edge
+        for index, (i, a) in enumerate(boxes):
+            for j, b in boxes[index + 1:]:
+                if b[0] >= a[2]:
+                    break
+                if _overlap(a, b):
+                    join(i, j)
     for i, s in enumerate(scenes):
-        if s.bounds is None:
+        if s.bounds is None or by == "place":
             join(i, by_place.setdefault(s.place, i))
     groups: dict[int, list[SceneRef]] = {}
     for i, s in enumerate(scenes):
@@ -254,6 +268,17 @@ def partition(scenes: Sequence[SceneRef]) -> list[Partition]:
         used.add(name)
         out.append(Partition(name, tuple(members)))
     return out
+
+
+def overlapping_partitions(parts: Sequence[Partition]) -> list[tuple[str, str]]:
+    """Pairs of partitions whose footprints overlap (none when partitioned by footprint)."""
+    boxes = []
+    for part in parts:
+        known = [s.bounds for s in part.scenes if s.bounds is not None]
+        boxes.extend((part.name, b) for b in known)
+    pairs = {tuple(sorted((x, y))) for i, (x, a) in enumerate(boxes)
+             for y, b in boxes[i + 1:] if x != y and _overlap(a, b)}
+    return sorted(pairs)  # type: ignore[arg-type]
 
 
 def _safe_name(text: str) -> str:
@@ -475,6 +500,7 @@ class ReplayResult:
     score_wall_s: float
     plan_wall_s: float
     session: int
+    cluster_start_s: float  # of score_wall_s: starting or reaching the cluster
     tables: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -508,22 +534,28 @@ def fingerprint_of(config_path: Path, archive: Archive) -> str:
 
 def replay(config_path: str | Path, archive: Sequence[str | Path], out: str | Path,
            scheduler: str | None = None, workers: int | None = None,
-           echo: Callable[[str], None] = print) -> ReplayResult:
+           echo: Callable[[str], None] = print, partition_by: str = "footprint"
+           ) -> ReplayResult:
     """``onboard replay``: score the archive on Dask, plan every window over all places, write
     the tables and the report. ``scheduler``: a running ``dask.distributed`` scheduler's
-    address; without one a local cluster of ``workers`` processes (default: one per core)."""
+    address; without one a local cluster of ``workers`` processes (default: one per core).
+    ``partition_by``: see :func:`partition`."""
     started = time.perf_counter()
     config_path = Path(config_path)
     out = Path(out)
     config = load_config(config_path)
     found = discover(config, archive)
-    parts = partition(found.scenes)
+    parts = partition(found.scenes, partition_by)
     fingerprint = fingerprint_of(config_path, found)
     session = _start_session(out, config_path, found, parts, fingerprint)
     echo(f"replay: {len(found.scenes)} scenes in {len(parts)} partitions -> {out}")
+    shared = overlapping_partitions(parts)
+    if shared:
+        echo(f"replay: warning: {len(shared)} pairs of places overlap (e.g. {shared[0]}); "
+             f"partitioned by place, their overlaps' references are not shared")
 
     score_started = time.perf_counter()
-    records, used, dashboard, where = _score_on_dask(
+    records, used, dashboard, where, cluster_s = _score_on_dask(
         config_path, found, parts, out, session, fingerprint, scheduler, workers, echo)
     score_wall = time.perf_counter() - score_started
 
@@ -554,7 +586,8 @@ def replay(config_path: str | Path, archive: Sequence[str | Path], out: str | Pa
     products = _chosen_products(plan_dir, chosen)
     scenes = _scene_rows(found, parts, records, meta, products, session)
     result = ReplayResult(out, run, scenes, parts, used, dashboard, where,
-                          time.perf_counter() - started, score_wall, plan_wall, session)
+                          time.perf_counter() - started, score_wall, plan_wall, session,
+                          cluster_s)
     result.tables = write_tables(result, results, products)
     write_report(result, results)
     Journal(out / "sessions.jsonl").append({"event": "end", "session": session,
@@ -596,7 +629,7 @@ def _start_session(out: Path, config_path: Path, found: Archive, parts: list[Par
 def _score_on_dask(config_path: Path, found: Archive, parts: list[Partition], out: Path,
                    session: int, fingerprint: str, scheduler: str | None,
                    workers: int | None, echo: Callable[[str], None]
-                   ) -> tuple[dict[str, dict[str, Any]], int, str | None, str]:
+                   ) -> tuple[dict[str, dict[str, Any]], int, str | None, str, float]:
     """Run one task per partition; a task that dies or raises is submitted again (it skips
     what is written) until each of its scenes is scored or given up."""
     try:
@@ -606,6 +639,7 @@ def _score_on_dask(config_path: Path, found: Archive, parts: list[Partition], ou
                           f"pyarrow): {error}") from error
 
     cluster = None
+    started = time.perf_counter()
     if scheduler is None:
         count = workers or os.cpu_count() or 1
         # One thread per worker process: the pipeline runs its own reader, stage and
@@ -617,6 +651,7 @@ def _score_on_dask(config_path: Path, found: Archive, parts: list[Partition], ou
     else:
         client = Client(scheduler, timeout=30)
         where = f"scheduler {scheduler}"
+    cluster_s = time.perf_counter() - started
     try:
         dashboard = client.dashboard_link
         echo(f"dask dashboard: {dashboard}")
@@ -661,7 +696,7 @@ def _score_on_dask(config_path: Path, found: Archive, parts: list[Partition], ou
         client.close()
         if cluster is not None:
             cluster.close()
-    return records, used, dashboard, where
+    return records, used, dashboard, where, cluster_s
 
 
 # -- checking a replay against a sequential run --------------------------------------------------
@@ -918,7 +953,9 @@ def chart_over_time(path: Path, series: dict[str, list[tuple[datetime, float]]],
     from onboard.runtime.png import write_png
 
     legend_w = 16 + max([text_width(p, 1) for p in series] + [60])
-    w, h, left, top, plot_w, plot_h = 760 + legend_w, 380, 56, 40, 680, 290
+    # Room right of the plot for the name at each series' last point, then the legend.
+    w, h, left, top, plot_w, plot_h = 850 + legend_w, 380, 56, 40, 680, 290
+    legend_x = left + plot_w + 100
     image = np.zeros((h, w, 3), np.uint8)
     image[:] = PANEL_BACKGROUND
     draw_text(image, title, 10, 10, size=2)
@@ -946,9 +983,11 @@ def chart_over_time(path: Path, series: dict[str, list[tuple[datetime, float]]],
             _line(image, ra, ca, rb, cb, colour)
         for r, c in xy:
             fill_rect(image, r - 3, c - 3, 7, 7, colour)
+        if xy:  # the place named at its last point: colours repeat past eight places
+            draw_text(image, place, xy[-1][0] - 3, xy[-1][1] + 7, colour, size=1)
         ly = top + 12 * i
-        fill_rect(image, ly, left + plot_w + 16, 7, 7, colour)
-        draw_text(image, place, ly, left + plot_w + 28, TEXT_COLOUR, size=1)
+        fill_rect(image, ly, legend_x, 7, 7, colour)
+        draw_text(image, place, ly, legend_x + 12, TEXT_COLOUR, size=1)
     return write_png(path, image)
 
 
@@ -1014,7 +1053,8 @@ def write_report(result: ReplayResult, results: dict[str, AcquisitionResult]) ->
              f"workers ({result.scheduler}), then every pass planned once over all places. "
              f"Session {result.session}.", "",
              f"- scoring: {mpx:.2f} Mpx in {result.score_wall_s:.1f} s "
-             f"({mpx / max(result.score_wall_s, 1e-9):.2f} Mpx/s, cluster start included); "
+             f"({mpx / max(result.score_wall_s, 1e-9):.2f} Mpx/s; of it "
+             f"{result.cluster_start_s:.1f} s to start or reach the cluster); "
              f"planning {result.plan_wall_s:.1f} s; total {result.wall_s:.1f} s",
              f"- dashboard: {result.dashboard}",
              "- pass report of the plan (as `onboard run` writes it): `plan/report.md`; "
@@ -1065,5 +1105,6 @@ def write_report(result: ReplayResult, results: dict[str, AcquisitionResult]) ->
 
 
 __all__ = ["Archive", "Partition", "PartitionJob", "ReplayResult", "SceneRef",
-           "compare_with_run", "discover", "load_result", "partition", "replay",
+           "compare_with_run", "discover", "load_result", "overlapping_partitions",
+           "partition", "replay",
            "replay_config", "score_partition"]

@@ -28,6 +28,7 @@ from onboard.runtime.errors import ConfigError  # noqa: E402
 from onboard.runtime.replay import (  # noqa: E402
     compare_with_run,
     discover,
+    overlapping_partitions,
     partition,
     replay,
     scene_dir,
@@ -292,9 +293,11 @@ def test_partitions_follow_overlapping_footprints(test_data, tmp_path):
     sample = discover(config, [HONGKONG, PARIS]).scenes
     crop = discover(config, [test_data / "oscd" / "hongkong"]).scenes
     # The test crop of Hong Kong lies inside the sample's footprint: one store for both.
-    groups = {p.name: [s.id for s in p.scenes] for p in partition([*sample, *crop])}
+    parts = partition([*sample, *crop])
+    groups = {p.name: [s.id for s in p.scenes] for p in parts}
     assert len(groups) == 2
     assert len(groups["hongkong"]) == 4 and len(groups["paris"]) == 2
+    assert overlapping_partitions(parts) == []
     # ... but the two give the same acquisition ids, which a run cannot tell apart.
     with pytest.raises(ConfigError, match="both give acquisition"):
         discover(config, [HONGKONG, test_data / "oscd" / "hongkong"])

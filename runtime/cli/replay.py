@@ -25,6 +25,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                              "be on a filesystem every worker shares)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes of the local cluster (default: one per core)")
+    parser.add_argument("--partition", choices=("footprint", "place"), default="footprint",
+                        help="one reference store per group of overlapping footprints (exact, "
+                             "the default) or per place name (Sentinel-2 tiles, which overlap "
+                             "their neighbours)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder; run again with the same one to resume")
 
@@ -36,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     result = replay(args.config, args.archive, args.out, scheduler=args.scheduler,
-                    workers=args.workers, echo=echo)
+                    workers=args.workers, echo=echo, partition_by=args.partition)
     for line in result.summary_lines():
         print(line)
     return 0
