@@ -525,10 +525,13 @@ class ReplayResult:
         return lines
 
 
-def fingerprint_of(config_path: Path, archive: Archive) -> str:
-    """What a result must match to be resumed: the config's bytes and the archive's scenes."""
+def fingerprint_of(config_path: Path, archive: Archive, partition_by: str = "footprint"
+                   ) -> str:
+    """What a result must match to be resumed: the config's bytes, the archive's scenes and
+    how they are partitioned (a store holds what its partition's scenes committed)."""
     digest = hashlib.sha256(config_path.read_bytes())
     digest.update(json.dumps([s.id for s in archive.scenes]).encode())
+    digest.update(partition_by.encode())
     return digest.hexdigest()
 
 
@@ -546,7 +549,7 @@ def replay(config_path: str | Path, archive: Sequence[str | Path], out: str | Pa
     config = load_config(config_path)
     found = discover(config, archive)
     parts = partition(found.scenes, partition_by)
-    fingerprint = fingerprint_of(config_path, found)
+    fingerprint = fingerprint_of(config_path, found, partition_by)
     session = _start_session(out, config_path, found, parts, fingerprint)
     echo(f"replay: {len(found.scenes)} scenes in {len(parts)} partitions -> {out}")
     shared = overlapping_partitions(parts)
