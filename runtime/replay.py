@@ -512,7 +512,8 @@ class ReplayResult:
         resumed = sum(s["status"] == "resumed" for s in self.scenes)
         mpx = sum(s["mpx"] for s in self.scenes if s["status"] != "failed")
         lines = [f"replay: {len(self.scenes)} scenes in {len(self.partitions)} partitions on "
-                 f"{self.workers} workers ({self.scheduler}), session {self.session}",
+                 f"{self.workers} worker{'s' if self.workers != 1 else ''} ({self.scheduler}), "
+                 f"session {self.session}",
                  f"  scored {scored}, resumed {resumed}, failed {len(self.failed)}; "
                  f"{mpx:.2f} Mpx scored in {self.score_wall_s:.1f} s, planned in "
                  f"{self.plan_wall_s:.1f} s"]
