@@ -3,10 +3,11 @@
 Split (fixed; never changed after looking at numbers):
 
 * held out, for every number reported and for the compiler's gate: beihai, bordeaux, nantes;
-* training: abudhabi, bercy, hongkong, paris (labelled);
-* validation and calibration: aguasclaras (labelled, never trained on): picks the checkpoint and
-  fits the score calibration, so that the calibration sees distances of a city the encoder has
-  not memorised, as every city on orbit will be;
+* training: abudhabi, aguasclaras, bercy, hongkong, paris (labelled), which also fit the latent
+  scale and the score calibration;
+* for choosing the recipe only (``train.py --validate``): train on four of them and score
+  aguasclaras (``VALIDATION``) as training goes; the committed weights are then trained on all
+  five with the step count that run chose;
 * the ten unlabelled cities are used only for the K-memory sequences of the evaluation.
 
 Cities are read through :class:`onboard.runtime.sources.oscd.OscdPair` (date 2 resampled onto
@@ -25,8 +26,8 @@ import numpy as np
 from onboard.models.change.scoring import CELL, POSITIVE_FRACTION, TILE, normalise, source_bands
 
 HELDOUT = ("beihai", "bordeaux", "nantes")
-TRAINING = ("abudhabi", "bercy", "hongkong", "paris")
-CALIBRATION = ("aguasclaras",)
+TRAINING = ("abudhabi", "aguasclaras", "bercy", "hongkong", "paris")
+VALIDATION = ("aguasclaras",)
 UNLABELLED = ("brasilia", "chongqing", "dubai", "lasvegas", "milano", "montpellier", "norcia",
               "rio", "saclay_w", "valencia")
 
@@ -149,10 +150,13 @@ class PairSampler:
 
     def __init__(self, cities: list[City], crop: int = 128, seed: int = 0,
                  gain: float = 0.06, shift: float = 0.08, self_pairs: float = 0.0,
-                 extra_images: list[City] | None = None) -> None:
+                 extra_images: list[City] | None = None, pasted: float = 0.0) -> None:
         """``self_pairs``: the share of pairs that are one date against itself, each side with
         its own gains and offsets, all cells unchanged; those come from ``cities`` and
-        ``extra_images`` (unlabelled cities: no change label is needed)."""
+        ``extra_images`` (unlabelled cities: no change label is needed). ``pasted``: the
+        share of those self pairs whose second side gets a few rectangles of ground from
+        elsewhere pasted in (synthetic change, labelled by the same > 1 % rule)."""
+        self.pasted = pasted
         self.cities = [c for c in cities if c.changed is not None and
                        min(c.before.shape[1:]) >= crop]
         self.self_pairs = self_pairs
@@ -178,8 +182,20 @@ class PairSampler:
         c = int(self.rng.integers(0, w - self.crop + 1))
         x = np.rot90(image[:, r:r + self.crop, c:c + self.crop], int(self.rng.integers(4)),
                      (1, 2))
-        cells = np.zeros((self.crop // CELL, self.crop // CELL), bool)
-        return self._jitter(x), self._jitter(x), cells
+        second = np.array(x)
+        changed = np.zeros(x.shape[1:], bool)
+        if self.pasted and self.rng.random() < self.pasted:
+            for _ in range(int(self.rng.integers(1, 5))):
+                donor = self.images[int(self.rng.integers(len(self.images)))]
+                source = donor.before if self.rng.random() < 0.5 else donor.after
+                ph, pw = (int(v) for v in self.rng.integers(4, 33, 2))
+                sr = int(self.rng.integers(0, source.shape[1] - ph + 1))
+                sc = int(self.rng.integers(0, source.shape[2] - pw + 1))
+                tr = int(self.rng.integers(0, self.crop - ph + 1))
+                tc = int(self.rng.integers(0, self.crop - pw + 1))
+                second[:, tr:tr + ph, tc:tc + pw] = source[:, sr:sr + ph, sc:sc + pw]
+                changed[tr:tr + ph, tc:tc + pw] = True
+        return self._jitter(x), self._jitter(second), changed
 
     def pair(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.self_pairs and self.rng.random() < self.self_pairs:
@@ -197,12 +213,18 @@ class PairSampler:
             a, b, m = a[:, :, ::-1], b[:, :, ::-1], m[:, ::-1]
         if self.rng.random() < 0.5:
             a, b = b, a
-        return self._jitter(a), self._jitter(b), cell_fraction(m) > POSITIVE_FRACTION
+        return self._jitter(a), self._jitter(b), np.ascontiguousarray(m)
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def batch_masks(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``n`` pairs: date 1 crops, date 2 crops, their (n, crop, crop) change masks."""
         pairs = [self.pair() for _ in range(n)]
         return (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
-                np.stack([p[2] for p in pairs]).astype(np.float32))
+                np.stack([p[2] for p in pairs]))
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``n`` pairs and their (n, crop/32, crop/32) cell labels (1.0 changed)."""
+        a, b, masks = self.batch_masks(n)
+        return a, b, (cell_fraction(masks) > POSITIVE_FRACTION).astype(np.float32)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         while True:

@@ -8,14 +8,17 @@ OSCD label of the cell (changed when more than 1 % of its pixels changed) with b
 entropy. Unchanged cells are pulled together, changed ones pushed apart, and the per-date gains
 and offsets of :class:`PairSampler` teach that illumination and haze are not change.
 
-Every ``--val-every`` steps the encoder is scored (AUPRC of cells) on the validation city
-(aguasclaras, not trained on); the best checkpoint is kept. Then, encoded window by window as
-on board (never on a held-out city):
+With ``--validate`` (choosing the recipe), aguasclaras is left out of training and the encoder
+is scored on it (AUPRC of cells) every 250 steps. Without it (the committed weights), all five
+training cities are used for a fixed number of steps. Then, encoded window by window as on
+board, on the training cities (never on a held-out city):
 
-* ``latent_scale``: the 99.99th percentile of |latent| / 127 over the training cities, the int8
-  step of the store;
+* ``latent_scale``: the 99.99th percentile of |latent| / 127, the int8 step of the store;
 * the calibration ``a``, ``b``: logistic regression of the cell label on the distance between
-  the int8-dequantised latents, on the validation city.
+  the int8-dequantised latents (on the validation city with ``--validate``).
+
+The committed weights: ``python -m onboard.models.change.train --bands 13 --steps 1500`` and the
+same with ``--bands 4`` (1500: the best validation step of the ``--validate`` run with 3000).
 
 Writes ``weights_{bands}band.pt`` (the encoder's state_dict) and ``calibration_{bands}band.json``
 beside this file. torch runs on one thread: the machine is shared.
@@ -34,9 +37,23 @@ import torch
 from torch.nn import functional as F
 
 from onboard.models.change import dataset
-from onboard.models.change.model import PairHead, build, cell_distance, dequantise, quantise
+from onboard.models.change.model import (
+    POSITIVE_FRACTION,
+    PairHead,
+    build,
+    cell_distance,
+    dequantise,
+    quantise,
+)
 
 HERE = Path(__file__).resolve().parent
+# ChangeEncoder.features[:6] ends at 1/16 resolution with 64 channels.
+FINE_LAYERS = 6
+
+
+def _fraction16(masks: np.ndarray) -> np.ndarray:
+    n, h, w = masks.shape
+    return masks.reshape(n, h // 16, 16, w // 16, 16).mean((2, 4))
 
 
 def weights_path(bands: int) -> Path:
@@ -109,20 +126,26 @@ def calibrate(model: torch.nn.Module, training: list[dataset.City],
 
 def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop: int = 128,
           lr: float = 2e-3, seed: int = 0, log_every: int = 100, val_every: int = 250,
-          self_pairs: float = 0.0) -> tuple[Any, dict[str, Any]]:
+          self_pairs: float = 0.0, pasted: float = 0.0, fine_weight: float = 0.0,
+          validate: bool = False) -> tuple[Any, dict[str, Any]]:
     import copy
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    cities = dataset.load_cities(data_root, dataset.TRAINING, bands)
-    validation = dataset.load_cities(data_root, dataset.CALIBRATION, bands)
+    names = [c for c in dataset.TRAINING if not validate or c not in dataset.VALIDATION]
+    cities = dataset.load_cities(data_root, names, bands)
+    validation = dataset.load_cities(data_root, dataset.VALIDATION, bands) if validate else []
     best: tuple[float, int, dict[str, Any]] = (-1.0, 0, {})
     history = []
     extra = dataset.load_cities(data_root, dataset.UNLABELLED, bands) if self_pairs else []
     sampler = dataset.PairSampler(cities, crop=crop, seed=seed, self_pairs=self_pairs,
-                                  extra_images=extra)
+                                  extra_images=extra, pasted=pasted)
     model, head = build(bands), PairHead()
     params = list(model.parameters()) + list(head.parameters())
+    fine = None
+    if fine_weight > 0:
+        fine = torch.nn.ModuleList([torch.nn.Conv2d(64, 16, 1), PairHead()])
+        params += list(fine.parameters())
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps,
                                                    pct_start=0.1)
@@ -130,12 +153,25 @@ def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop:
     model.train()
     running = 0.0
     for step in range(1, steps + 1):
-        a, b, y = sampler.batch(batch)
-        z = model(torch.from_numpy(np.concatenate([a, b])))
+        a, b, masks = sampler.batch_masks(batch)
+        y = (dataset.cell_fraction(masks) > POSITIVE_FRACTION).astype(np.float32)
+        x = torch.from_numpy(np.concatenate([a, b]))
+        if fine is None:
+            z = model(x)
+        else:
+            mid = model.features[:FINE_LAYERS](x)
+            z = model.head(model.features[FINE_LAYERS:](mid))
         z1, z2 = z[:batch], z[batch:]
         logits = head(z1, z2)
         target = torch.from_numpy(y)
         loss = F.binary_cross_entropy_with_logits(logits, target)
+        if fine is not None:
+            # Training only: the same rule on 16 x 16 cells of the 1/16 features, four times
+            # the labels to say where inside a cell the change is.
+            f = fine[0](mid)
+            y16 = (_fraction16(masks) > POSITIVE_FRACTION).astype(np.float32)
+            loss = loss + fine_weight * F.binary_cross_entropy_with_logits(
+                fine[1](f[:batch], f[batch:]), torch.from_numpy(y16))
         # Keeps latents small and centred: the store's int8 step is set by their magnitude.
         loss = loss + 1e-3 * (z ** 2).mean()
         optimiser.zero_grad()
@@ -147,22 +183,24 @@ def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop:
             print(f"step {step} loss {running / log_every:.4f} a {float(head.a):.3f} "
                   f"b {float(head.b):.3f} {time.perf_counter() - started:.0f}s", flush=True)
             running = 0.0
-        if step % val_every == 0 or step == steps:
+        if validate and (step % val_every == 0 or step == steps):
             score = validation_auprc(model, validation)
             history.append({"step": step, "validation_auprc": round(score, 4)})
             print(f"step {step} validation AUPRC {score:.4f}", flush=True)
             if score > best[0]:
                 best = (score, step, copy.deepcopy(model.state_dict()))
             model.train()
-    model.load_state_dict(best[2])
+    if validate:
+        model.load_state_dict(best[2])
     model.eval()
-    info = calibrate(model, cities, validation)
+    info = calibrate(model, cities, validation or cities)
     info.update({"bands": bands, "steps": steps, "best_step": best[1],
                  "validation_auprc": best[0], "validation_history": history,
                  "batch": batch, "crop": crop, "lr": lr, "self_pairs": self_pairs,
+                 "pasted": pasted, "fine_weight": fine_weight,
                  "seed": seed, "train_seconds": round(time.perf_counter() - started, 1),
-                 "training_cities": list(dataset.TRAINING),
-                 "validation_cities": list(dataset.CALIBRATION), "heldout_cities":
+                 "training_cities": names,
+                 "validation_cities": [c.name for c in validation], "heldout_cities":
                  list(dataset.HELDOUT)})
     return model, info
 
@@ -177,11 +215,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--self-pairs", type=float, default=0.0,
                         help="share of pairs that are one image against itself (unchanged)")
+    parser.add_argument("--validate", action="store_true",
+                        help="leave aguasclaras out of training and score it as training goes")
+    parser.add_argument("--fine-weight", type=float, default=0.0,
+                        help="weight of the 16 x 16 cell auxiliary loss (training only)")
+    parser.add_argument("--pasted", type=float, default=0.0,
+                        help="share of self pairs with pasted ground (synthetic change)")
     parser.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data")
     parser.add_argument("--out", type=Path, default=None, help="folder (default: beside here)")
     args = parser.parse_args(argv)
     model, info = train(args.bands, args.data, args.steps, args.batch, args.crop, args.lr,
-                        args.seed, self_pairs=args.self_pairs)
+                        args.seed, self_pairs=args.self_pairs, pasted=args.pasted,
+                        fine_weight=args.fine_weight, validate=args.validate)
     out = args.out or HERE
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / weights_path(args.bands).name)
