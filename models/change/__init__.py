@@ -10,12 +10,15 @@ bordeaux, nantes), computed through the store's int8 latent codes. A validation 
 its 256 x 256 windows of date 1 followed by the same windows of date 2, so the compiler runs the
 encoder on single images as the flight runtime does and the metric pairs them up. torch is
 imported only when a model is built or trained.
+
+No training batches or loss are registered, so ``onboard compile --prune`` cannot fine-tune:
+the latent scale and calibration in ``extra.change`` belong to the committed weights, and a
+pruned or fine-tuned encoder would need both refitted (``train.calibrate``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -85,28 +88,6 @@ def calibration_tiles(root: Path, n: int, bands: int = 13, seed: int = 2) -> np.
     return np.ascontiguousarray(np.stack(tiles), np.float32)
 
 
-def train_batches(root: Path, bands: int = 13, batches: int = 200, batch: int = 8,
-                  seed: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Pairs for the pruning fine-tune: x (2N, C, 128, 128) date 1 crops then date 2 crops,
-    y (N, 4, 4) cell labels."""
-    from onboard.models.change import dataset
-
-    sampler = dataset.PairSampler(dataset.load_cities(root, dataset.TRAINING, bands), seed=seed)
-    for _ in range(batches):
-        a, b, y = sampler.batch(batch)
-        yield np.concatenate([a, b]), y
-
-
-def loss(latents: Any, labels: Any) -> Any:
-    """Contrastive loss on a pair batch (distances: unchanged -> 0, changed -> past a margin)."""
-    import torch
-
-    n = latents.shape[0] // 2
-    d = torch.sqrt(((latents[:n] - latents[n:]) ** 2).sum(1) + 1e-6)
-    y = labels.float()
-    return (((1 - y) * d ** 2) + y * torch.relu(4.0 - d) ** 2).mean()
-
-
 def metric(outputs: list[np.ndarray], labels: list[np.ndarray], bands: int = 13) -> float:
     from onboard.models.change.metrics import pooled_auprc
 
@@ -139,10 +120,8 @@ for _bands in (13, 4):
         gsd_m=10.0,
         output_kind="vector",
         metric_name="auprc",
-        train_batches=partial(train_batches, bands=_bands),
         validation_batches=partial(validation_batches, bands=_bands),
         calibration_tiles=partial(calibration_tiles, bands=_bands),
-        loss=loss,
         metric=partial(metric, bands=_bands),
         card=HERE / "card.md",
         extra={"heldout": "OSCD beihai, bordeaux, nantes",
