@@ -702,7 +702,14 @@ class PassRunner:
                             windows=[w.to_dict() for w in self.windows] or "default")
         pending = list(self.windows)
         errors = self.result.errors
-        for acquisition in iter_acquisitions(self.pipeline.source, self.telemetry, errors):
+        acquisitions = iter_acquisitions(self.pipeline.source, self.telemetry, errors)
+        if self.pipeline.source.kind != "spool":
+            # Files on storage are all there: take them in acquisition time across places, so a
+            # contact window is planned only after every scene acquired before it (undated
+            # ones first, in source order). A spool delivers in arrival order as it fills.
+            acquisitions = iter(sorted(acquisitions, key=lambda a: (
+                a.acquired is not None, _aware(a.acquired) if a.acquired else self.started)))
+        for acquisition in acquisitions:
             when = _aware(acquisition.acquired) if acquisition.acquired else None
             while pending and when is not None and _aware(pending[0].start) <= when:
                 self._contact(pending.pop(0))
