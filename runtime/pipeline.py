@@ -25,7 +25,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -644,7 +644,12 @@ class PassRunner:
     """Runs a config's acquisitions and contact windows in time order into ``out``."""
 
     def __init__(self, config: Config, out: Path,
-                 progress: Callable[[str, int, int], None] | None = None) -> None:
+                 progress: Callable[[str, int, int], None] | None = None,
+                 scored: Mapping[str, AcquisitionResult] | None = None,
+                 skipped: Mapping[str, str] | None = None) -> None:
+        """``scored``: acquisitions already scored elsewhere (a replay's workers), by id, used
+        instead of scoring them here; an acquisition in ``skipped`` (id -> why) is reported as
+        one that could not be used."""
         from onboard.runtime.downlink.products import ProductMaker
         from onboard.runtime.downlink.queue import DownlinkQueue
 
@@ -667,6 +672,8 @@ class PassRunner:
         self.pipeline = Pipeline(config, self.telemetry, out / "state", progress)
         self.bundle_ids = [f"{d.get('bundle', '?')}@{d.get('version', '?')}"
                            for d in (s.describe() for s in self.pipeline.stages)]
+        self.scored = dict(scored or {})
+        self.skipped = dict(skipped or {})
         self.pool: dict[str, _Pooled] = {}
         self.result = RunResult(out)
         self.window_summaries: list[dict[str, Any]] = []
@@ -725,7 +732,14 @@ class PassRunner:
         return self.result
 
     def _score(self, acquisition: Acquisition) -> None:
-        result = self.pipeline.score(acquisition)
+        if acquisition.id in self.skipped or (self.scored and acquisition.id not in self.scored):
+            record = {"source": acquisition.scene.source_id, "error": "ReplaySkipped",
+                      "message": f"{acquisition.id}: "
+                                 f"{self.skipped.get(acquisition.id, 'not scored')}"}
+            self.result.errors.append(record)
+            self.telemetry.emit("acquisition_error", **record)
+            return
+        result = self.scored.get(acquisition.id) or self.pipeline.score(acquisition)
         self.result.acquisitions.append(result)
         for score in result.scores:
             self.pool[score.tile_id] = _Pooled(score, acquisition,

@@ -455,35 +455,6 @@ def _write_result(out: Path, scene_id: str, job: PartitionJob, attempt: int,
 # -- planning over the workers' scores ------------------------------------------------------------
 
 
-class _PlanFromScores(PassRunner):
-    """The sequential run's :class:`PassRunner`, fed the workers' scores instead of scoring.
-
-    Its own pipeline is built (it names the bundles in STAC Items) but never scores: each
-    acquisition's result is the one a worker wrote. A scene the replay skipped is reported the
-    way the run reports a scene it could not open.
-    """
-
-    def __init__(self, config: Config, out: Path, results: dict[str, AcquisitionResult],
-                 skipped: dict[str, str]) -> None:
-        super().__init__(config, out)
-        self._results = results
-        self._skipped = skipped
-        self.pipeline.score = self._scored  # type: ignore[method-assign]
-
-    def _scored(self, acquisition: Acquisition) -> AcquisitionResult:
-        return self._results[acquisition.id]
-
-    def _score(self, acquisition: Acquisition) -> None:
-        if acquisition.id not in self._results:
-            record = {"source": acquisition.scene.source_id, "error": "ReplaySkipped",
-                      "message": f"{acquisition.id}: "
-                                 f"{self._skipped.get(acquisition.id, 'not scored')}"}
-            self.result.errors.append(record)
-            self.telemetry.emit("acquisition_error", **record)
-            return
-        super()._score(acquisition)
-
-
 # -- the driver -----------------------------------------------------------------------------------
 
 
@@ -577,7 +548,7 @@ def replay(config_path: str | Path, archive: Sequence[str | Path], out: str | Pa
     plan_dir = out / "plan"
     if plan_dir.exists():  # planned again from the scores: a deterministic, cheap step
         shutil.rmtree(plan_dir)
-    runner = _PlanFromScores(found.config, plan_dir, results, skipped)
+    runner = PassRunner(found.config, plan_dir, scored=results, skipped=skipped)
     try:
         run = runner.run()
     except BaseException:
