@@ -188,7 +188,7 @@ def comparison_png(root: Path, x2: Runners, sharpen: Runners, path: Path) -> Pat
     for row in rows:
         left = 0
         for panel in row:
-            image = np.repeat(np.repeat(np.moveaxis(panel, 0, -1), 2, 0), 1, 1)[::2]
+            image = np.moveaxis(panel, 0, -1)
             canvas[top : top + image.shape[0], left : left + image.shape[1]] = image
             left += image.shape[1] + gap
         top += row[0].shape[1] + gap

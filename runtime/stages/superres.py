@@ -189,7 +189,8 @@ class SuperResolver:
     # -- tiles, in memory -------------------------------------------------------------------
 
     def upsample(self, frame: Frame) -> Frame:
-        """The super-resolved frame (DN, the output bands, georef at the new pixel size)."""
+        """The super-resolved frame (DN, the output bands under the frame's names for them,
+        georef at the new pixel size)."""
         h, w = frame.shape
         grid = TileGrid(h, w, self.tile, self.overlap)
         frame = frame.select(list(self.spec.bands))
@@ -203,7 +204,9 @@ class SuperResolver:
         georef = None if frame.georef is None else Georef(frame.georef.crs,
                                                           frame.georef.transform.scaled(s))
         valid = None if frame.valid is None else np.repeat(np.repeat(frame.valid, s, 0), s, 1)
-        return Frame(pixels=stitcher.out, bands=self.output_bands, gsd_m=frame.gsd_m / s,
+        # The source's own names for the bands (B02 rather than blue, where it has them).
+        return Frame(pixels=stitcher.out, bands=frame.bands[self.first_band:],
+                     gsd_m=frame.gsd_m / s,
                      georef=georef, acquired=frame.acquired, source_id=frame.source_id,
                      valid=valid)
 
