@@ -667,6 +667,18 @@ class PassRunner:
         self.products_config = config.section("products")
         self.storage: StorageConfig = config.section("storage")
         self.maker = ProductMaker(self.products_config)
+        # Super-resolution costs a model run per product: only made for tiles the plan chose.
+        self.superres = None
+        if "superres" in self.products_config.kinds:
+            if "superres" not in config:
+                raise ConfigError(f"{config.path or 'config'}: products.kinds names superres "
+                                  f"but there is no [superres] section with its bundle")
+            if "superres" not in self.planner_config.utility:
+                raise ConfigError(f"{config.path or 'config'}: products.kinds names superres "
+                                  f"but [planner] utility gives it no value")
+            from onboard.runtime.stages.superres import LazySuperResolver
+
+            self.superres = LazySuperResolver(config.section("superres"), self.telemetry)
         self.queue = DownlinkQueue(out / "queue.sqlite")
         self.windows = sorted(config.section("passes"), key=lambda w: _aware(w.start))
         self.pipeline = Pipeline(config, self.telemetry, out / "state", progress)
@@ -695,7 +707,10 @@ class PassRunner:
             self.transmitter = _cfdp.open_transmitter(config, out, self.telemetry)
 
     def close(self, quiet: bool = False) -> None:
-        for close in (self.pipeline.close, self.queue.close, self.telemetry.close):
+        closers = [self.pipeline.close, self.queue.close, self.telemetry.close]
+        if self.superres is not None:
+            closers.insert(0, self.superres.close)
+        for close in closers:
             try:
                 close()
             except OnboardError:
@@ -765,7 +780,8 @@ class PassRunner:
                 if kind == "mask" and not pooled.layers:
                     continue
                 names = tuple(pooled.layers) if kind == "mask" else (
-                    self.products_config.thumbnail_bands if kind == "thumbnail" else bands)
+                    self.products_config.thumbnail_bands if kind == "thumbnail" else
+                    self.products_config.superres_bands if kind == "superres" else bands)
                 sizes[kind] = self.maker.sizes.estimate(kind, (h, w), list(names),
                                                         self.products_config.thumbnail_scale)
             for candidate in candidates_for(pooled.score, sizes, now, pooled.acquisition.acquired,
@@ -861,6 +877,9 @@ class PassRunner:
         pooled = self.pool[candidate.tile_id]
         row, col, h, w = pooled.score.window
         try:
+            if candidate.kind == "superres" and self.superres is not None:
+                return self.superres.make_product(self.maker, pooled.acquisition.scene,
+                                                  Window(row, col, h, w))
             frame = pooled.acquisition.scene.read(Window(row, col, h, w))
             layers = {name: np.frombuffer(imagecodecs.zstd_decode(blob), np.uint8).reshape(h, w)
                       for name, blob in pooled.layers.items()}

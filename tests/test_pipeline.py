@@ -351,3 +351,32 @@ def test_the_run_can_downlink_over_cfdp_with_losses(tmp_path):
     assert len(list(store.iterdir())) == len(acknowledged)
     for item in acknowledged:
         assert file_sha256(store / stored_name(item.id)) == item.sha256
+
+
+def test_superres_products_are_made_only_for_chosen_tiles(tmp_path):
+    """With ×2 super-resolution among the product kinds, the planner may choose it; the model
+    then runs only for those tiles and the product is the ×2 bands, georeferenced at 5 m."""
+    sr = REPO / "models" / "superres" / "superres-x2-int8-ort.onboard"
+    if not sr.exists():
+        pytest.skip(f"{sr} is not built")
+    body = ("[tiling]\ntile = 64\n"
+            "[products]\nkinds = ['thumbnail', 'full', 'superres']\n"
+            f"[superres]\nbundle = '{sr}'\nthreads = 1\n"
+            "[planner]\nutility = {thumbnail = 0.05, full = 1.0, superres = 3.0}\n")
+    result = pipeline.run(_config(tmp_path, body), tmp_path / "out")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "plan-0.jsonl")
+            .read_text().splitlines()]
+    chosen = [r for r in rows if r["chosen"] is not None and r["kind"] == "superres"]
+    assert chosen and result.summary["plan"]["chosen"] >= len(chosen)
+    path = tmp_path / "out" / "products" / f"{chosen[0]['product_id']}.tif"
+    with tifffile.TiffFile(path) as tif:
+        pixels = tif.asarray()
+    assert pixels.shape[-2:] == (128, 128) or pixels.shape[:2] == (128, 128)
+    item = json.loads(path.with_suffix(".json").read_text())
+    assert item["properties"]["proj:shape"] == [128, 128]
+
+
+def test_superres_among_the_kinds_needs_its_section_and_a_value(tmp_path):
+    with pytest.raises(ConfigError, match="no \\[superres\\] section"):
+        pipeline.run(_config(tmp_path, "[products]\nkinds = ['full', 'superres']\n"),
+                     tmp_path / "out")
