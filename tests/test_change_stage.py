@@ -21,7 +21,7 @@ from onboard.runtime.errors import ConfigError
 from onboard.runtime.georef import read_georef
 from onboard.runtime.sources.oscd import OscdScene
 from onboard.runtime.stages.change import NO_SCORE, change_raster
-from onboard.runtime.store.reference import ReferenceStore
+from onboard.runtime.store.reference import LADDER_STEP, ReferenceStore
 from onboard.runtime.telemetry import Telemetry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,8 +167,11 @@ def test_the_stages_scores_are_the_change_models_own_scoring(sample_pass):
     assert raster.scores.shape == expected.shape == (8, 8)
     assert raster.scored == 64
     np.testing.assert_allclose(raster.scores, expected, atol=1e-5)
-    # North up, one pixel per cell.
-    assert raster.georef.transform.a == pytest.approx(32 * before.georef.transform.a, rel=1e-12)
+    # North up, one pixel per place: the store's grid for the frame, whichever store keys it.
+    grid = ReferenceStore(Path("unused"), dim=1).grid_for(before.georef)
+    assert raster.georef.transform.a == grid.cell_x
+    assert raster.georef.transform.a == pytest.approx(32 * before.georef.transform.a,
+                                                      rel=LADDER_STEP / 2)
 
 
 def _tiny_encoder(path: Path, dim: int = 8) -> Path:
@@ -251,6 +254,6 @@ def test_onboard_predict_reference_writes_the_score_raster(sample_pass, tmp_path
     assert scores.dtype == np.float32 and scores.shape == (8, 8)
     assert np.isfinite(scores).all() and 0 <= scores.min() <= scores.max() <= 1
     pixel = OscdScene(sample_pass / "imgs_1", ("B02",)).georef.transform.a
-    assert georef.transform.a == pytest.approx(32 * pixel, rel=1e-9)
+    assert georef.transform.a == pytest.approx(32 * pixel, rel=LADDER_STEP / 2)
     assert str(georef.crs) == "EPSG:4326"
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -18,11 +18,15 @@ import tifffile
 from onboard.runtime.errors import ConfigError, StorageError
 from onboard.runtime.georef import CRS, Affine, Georef, read_georef
 from onboard.runtime.store.reference import (
+    FORMAT,
+    LADDER_STEP,
     MANIFEST,
     REGION_EDGE,
+    CellKeys,
     ReferenceStore,
     bytes_for_area,
     bytes_per_place,
+    ladder_rung,
 )
 
 UTM = CRS.from_epsg(32650)
@@ -107,6 +111,84 @@ def test_grids_per_resolution_and_crs(tmp_path):
     assert store.keys(coarse, *_cells(2, 2)).grid[0] == 1
     assert store.keys(other_zone, *_cells(2, 2)).grid[0] == 2
     assert [g.crs for g in store.grids] == ["EPSG:32650", "EPSG:32650", "EPSG:32651"]
+    # Sentinel-2's 10 m in UTM is rung 0: cells of exactly 320 m.
+    assert store.grids[0].cell_x == store.grids[0].cell_y == 320.0
+
+
+def _places(store: ReferenceStore, keys: CellKeys) -> list[tuple]:
+    """What the keys name in any store: CRS, rungs and cell indices (the grid id is the
+    store's own handle)."""
+    grids = [store.grids[int(g)] for g in keys.grid]
+    return [(g.crs, g.cell_x, g.cell_y, int(x), int(y))
+            for g, x, y in zip(grids, keys.gx, keys.gy, strict=True)]
+
+
+def _oscd_georefs(root: Path) -> dict[str, list[Georef]]:
+    """Both dates' 10 m (B02) georeferencing of every OSCD city under ``root``."""
+    cities = {}
+    for city in sorted(p for p in root.iterdir() if (p / "imgs_1").is_dir()):
+        cities[city.name] = []
+        for folder in ("imgs_1", "imgs_2"):
+            with tifffile.TiffFile(next((city / folder).glob("*_B02.tif"))) as tif:
+                page = tif.pages[0]
+                cities[city.name].append(read_georef({t.code: t.value
+                                                      for t in page.tags.values()}))
+    return cities
+
+
+def test_a_frames_keys_do_not_depend_on_what_the_store_saw_before(shared_data, tmp_path):
+    """The keys of one frame in a fresh store, and in a store that first met every OSCD
+    city's both dates (all 4326 grids, in two orders) and a UTM frame: the same places. The
+    grids Abu Dhabi and Rio met depended on the cities seen before them under format 1."""
+    cities = _oscd_georefs(shared_data / "oscd")
+    assert len(cities) == 18
+    cols, rows = _cells(6, 6)
+    for city in ("abudhabi", "rio", "saclay_w"):
+        for date in (0, 1):
+            frame = cities[city][date]
+            fresh = _store(tmp_path / f"fresh-{city}-{date}")
+            expected = _places(fresh, fresh.keys(frame, cols, rows))
+            for order in (sorted(cities), sorted(cities, reverse=True)):
+                seasoned = _store(tmp_path / f"seasoned-{city}-{date}-{order[0]}")
+                seasoned.keys(_utm_frame(1000, 7000), *_cells(2, 2))
+                for other in order:
+                    for georef in cities[other]:
+                        seasoned.keys(georef, *_cells(2, 2))
+                assert _places(seasoned, seasoned.keys(frame, cols, rows)) == expected
+    # And the grid, on disk and back, is still the one a fresh store computes.
+    store = _store(tmp_path / "committed")
+    _commit(store, "rio-1", cities["rio"][0], 6, 6, seed=1, when=T0)
+    reopened = _store(tmp_path / "committed")
+    fresh = _store(tmp_path / "fresh-rio")
+    assert _places(reopened, reopened.keys(cities["rio"][0], cols, rows)) == \
+        _places(fresh, fresh.keys(cities["rio"][0], cols, rows))
+
+
+def test_every_oscd_citys_two_dates_fall_on_one_rung(shared_data, tmp_path):
+    """Each city's two native 10 m grids share their places' grid: one rung per axis."""
+    store = _store(tmp_path / "s")
+    for city, (first, second) in _oscd_georefs(shared_data / "oscd").items():
+        assert first.crs == second.crs, city
+        one, two = store.grid_for(first), store.grid_for(second)
+        assert one == two, (city, first.transform, second.transform)
+    # Cells of a 4326 grid are about 32 px of the frame: within half a step.
+    for city, (first, _) in _oscd_georefs(shared_data / "oscd").items():
+        grid = store.grid_for(first)
+        assert abs(grid.cell_x / (32 * abs(first.transform.a)) - 1) <= LADDER_STEP / 2, city
+
+
+def test_frames_either_side_of_a_rung_boundary_meet_different_grids(tmp_path):
+    store = _store(tmp_path / "s")
+    boundary = 10.0 * (1 + LADDER_STEP) ** 0.5  # between rung 0 (10 m) and rung 1
+    below = Georef(UTM, Affine.from_origin(0, 0, boundary * 0.999, boundary * 0.999))
+    above = Georef(UTM, Affine.from_origin(0, 0, boundary * 1.001, boundary * 1.001))
+    assert ladder_rung(boundary * 0.999, False) == 0 and ladder_rung(boundary * 1.001, False) == 1
+    assert store.grid_for(below).cell_x == 320.0
+    assert store.grid_for(above).cell_x == pytest.approx(320.0 * (1 + LADDER_STEP), rel=1e-12)
+    assert store.grid_for(below) != store.grid_for(above)
+    # Within a rung, every pixel size meets the same grid, whichever came first.
+    inside = [Georef(UTM, Affine.from_origin(0, 0, p, p)) for p in (9.8, 10.0, 10.2)]
+    assert len({store.grid_for(g) for g in inside}) == 1
 
 
 # -- what a place holds ----------------------------------------------------------------------------
@@ -254,8 +336,27 @@ def test_a_damaged_manifest_is_a_storage_error_naming_it(tmp_path):
     manifest.write_text(manifest.read_text()[:40])
     with pytest.raises(StorageError, match=MANIFEST):
         _store(tmp_path / "s")
-    manifest.write_text(json.dumps({"format": "onboard-reference/1", "dim": DIM}))
+    manifest.write_text(json.dumps({"format": FORMAT, "dim": DIM}))
     with pytest.raises(StorageError, match="malformed"):
+        _store(tmp_path / "s")
+
+
+def test_a_store_of_format_1_is_refused_naming_its_manifest(tmp_path):
+    """Format 1 founded grids from the first frames it met: its places are not format 2's."""
+    _commit(_store(tmp_path / "s"), "a", _utm_frame(1000, 7000), 2, 2, seed=1, when=T0)
+    manifest = tmp_path / "s" / MANIFEST
+    old = json.loads(manifest.read_text())
+    old["format"] = "onboard-reference/1"
+    del old["ladder"]
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(StorageError, match=f"{MANIFEST}.*format 1") as caught:
+        _store(tmp_path / "s")
+    assert "remove the store folder" in str(caught.value)
+    # A store keyed on another ladder (a changed step) is refused as well.
+    old["format"], old["ladder"] = FORMAT, {"step": 0.02, "projected_anchor": 10.0,
+                                            "geographic_anchor": 10 / 111320}
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(StorageError, match="ladder"):
         _store(tmp_path / "s")
 
 

@@ -1,16 +1,32 @@
 """The onboard reference store: int8 latent codes of the last K clear observations of each place.
 
-**Places.** A place is one cell of a fixed global grid of its coordinate reference system: the
-cell edge is ``cell_px`` (32) pixels at the frame's ground sampling distance, in CRS units, with
-the grid's origin at the CRS origin. A frame's cell is keyed by the grid cell that holds its
-centre, so two passes whose pixel grids differ by a few pixels (or by a slightly different pixel
-size: hongkong's second OSCD date is 0.4 % coarser than its first) land on the same keys. A
-CRS has one grid per resolution: a frame uses the grid of its CRS whose pixel size is within 1 %
-of its own, or founds a new one (OSCD's EPSG:4326 cities range from 9.2e-5° to 1.16e-4° per
-pixel, so each latitude band gets its own grid). Places in different CRSs (two UTM zones) never
-match. The compared content of a key is offset by the frames' grid shift modulo the cell edge:
-none for passes on one pixel grid (Sentinel-2 L1C tiles of one MGRS square), at most half a
-cell otherwise.
+**Places.** A place is one cell of a fixed global grid of its coordinate reference system, with
+the grid's origin at the CRS origin. The grid is a function of the frame alone, its CRS and pixel
+size, never of what the store saw before: each axis's pixel size ``p`` is snapped to the nearest
+rung of a fixed geometric ladder, ``canonical = anchor × (1 + LADDER_STEP) ** n`` with
+``n = floor(log(p / anchor) / log(1 + LADDER_STEP) + 0.5)``, and the cell edge is ``cell_px``
+(32) canonical pixels. The anchor is 10 m for projected CRSs (so Sentinel-2's 10 m products sit
+on the centre of rung 0) and 10 m / 111 320 m per degree for geographic ones; the step is 5 %.
+A frame's cell is keyed by the grid cell that holds its centre, so two passes whose pixel grids
+differ by a few pixels, or by a slightly different pixel size on the same rung (hongkong's second
+OSCD date is 0.4 % coarser than its first), land on the same keys; a partitioned replay keys a
+scene exactly as a sequential run does. Places in different CRSs (two UTM zones) or on different
+rungs never match.
+
+*At a rung boundary* (a pixel size half a step, ×1.0247, from a rung) the two frames either side
+meet different grids, and their places never match: the ladder is wide so that one place's
+passes rarely straddle one. Each of the 18 OSCD cities' two dates (EPSG:4326, 9.2e-5° to
+1.16e-4° per pixel) falls on one rung per axis; of the three cities whose dates differ
+(abudhabi, hongkong, and saclay_w, whose dates are 1.3 % apart) none comes within 0.9 % of a
+boundary. A 2 % or 2.5 % step would split saclay_w; a 2 % one abudhabi too. The price of a
+wide rung is that a frame's 32-px cells and its places differ by up to 2.5 % (none at 10 m in
+UTM): every 1 / mismatch cells along an axis, two cells fall on one place (the one centred
+nearer keeps the reference, both are compared with it) or a place is stepped over. Over the
+OSCD frames 0.62 % of cells share a place with another (format 1's grids in one store: 1.03 %).
+
+The compared content of a key is offset by the frames' grid shift modulo the cell edge: none for
+passes on one pixel grid (Sentinel-2 L1C tiles of one MGRS square), at most half a cell
+otherwise.
 
 **What a place holds.** Up to K (default 3) references, newest acquisition first: the int8 code
 ``clip(round(z / latent_scale), -127, 127)`` of its latent and the commit it came from (which
@@ -20,7 +36,7 @@ observation refreshes ``last seen`` and nothing else, so it never overwrites one
 
 **On disk** (one folder)::
 
-    manifest.json                   the commit point: grids, scenes, committed ids, regions
+    manifest.json                   the commit point: ladder, grids, scenes, committed ids, regions
     r<grid>_<rx>_<ry>.<seq>.seg     one segment per region of 64 × 64 places (20 km at 10 m)
 
 A segment is a 24-byte header (magic ``ONBREF01``, places, K, D, flags), then four arrays laid
@@ -74,14 +90,18 @@ from onboard.runtime.durability import remove_partials, write_bytes, write_text
 from onboard.runtime.errors import ConfigError, GeoreferenceError, StorageError
 from onboard.runtime.georef import Georef
 
-FORMAT = "onboard-reference/1"
+# Format 2: grids on the fixed ladder. Format 1 founded a grid per resolution from the first frame
+# that needed it, so its places cannot be reached from format 2's keys.
+FORMAT = "onboard-reference/2"
 MANIFEST = "manifest.json"
 SEGMENT_MAGIC = b"ONBREF01"
 _HEADER = struct.Struct("<8sIHHII")  # magic, places, K, D, flags, reserved: 24 bytes
 _CRC = struct.Struct("<I")
 REGION_EDGE = 64  # places per region edge: 4096 places, a segment of ~860 KB at D=64, K=3
 COMMITTED_KEPT = 4096  # committed scene ids remembered for idempotence
-GRID_TOLERANCE = 0.01  # a frame uses a grid whose pixel size is within 1 % of its own
+LADDER_STEP = 0.05  # relative step between the canonical pixel sizes of one CRS
+PROJECTED_ANCHOR = 10.0  # CRS units (metres) per pixel on rung 0 of a projected CRS
+GEOGRAPHIC_ANCHOR = 10.0 / 111_320.0  # degrees per pixel on rung 0: 10 m of a degree of latitude
 MAX_GRIDS = 255
 _AXIS_BITS = 27  # |cell index| < 2**27 on each axis: 43 000 km of 320 m cells
 _SEGMENT_NAME = re.compile(r"^r(\d+)_(-?\d+)_(-?\d+)\.(\d+)\.seg$")
@@ -105,17 +125,39 @@ def bytes_for_area(km_x: float, km_y: float, *, dim: int, k: int = 3, gsd_m: flo
         _HEADER.size + _CRC.size + _MANIFEST_BYTES_PER_REGION)
 
 
+def ladder_rung(pixel_size: float, geographic: bool) -> int:
+    """The rung of the canonical pixel size nearest ``pixel_size`` (CRS units per pixel)."""
+    anchor = GEOGRAPHIC_ANCHOR if geographic else PROJECTED_ANCHOR
+    return math.floor(math.log(pixel_size / anchor) / math.log1p(LADDER_STEP) + 0.5)
+
+
+def canonical_pixel(rung: int, geographic: bool) -> float:
+    """The canonical pixel size of ``rung``, in CRS units."""
+    anchor = GEOGRAPHIC_ANCHOR if geographic else PROJECTED_ANCHOR
+    return anchor * (1.0 + LADDER_STEP) ** rung
+
+
+def _ladder() -> dict[str, float]:
+    return {"step": LADDER_STEP, "projected_anchor": PROJECTED_ANCHOR,
+            "geographic_anchor": GEOGRAPHIC_ANCHOR}
+
+
 @dataclass(frozen=True)
 class CellGrid:
-    """One global grid of places: a CRS at one resolution, origin at the CRS origin."""
+    """One global grid of places: a CRS at one rung per axis, origin at the CRS origin. ``id``
+    is the store's own handle (the order the store first met its grids); the place a key
+    names is ``(crs, rung_x, rung_y, gx, gy)``, the same in every store."""
 
     id: int
     crs: str
-    cell_x: float  # cell edge in CRS units
+    cell_x: float  # cell edge in CRS units: cell_px canonical pixels of rung_x
     cell_y: float
+    rung_x: int
+    rung_y: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "crs": self.crs, "cell_x": self.cell_x, "cell_y": self.cell_y}
+        return {"id": self.id, "crs": self.crs, "rung_x": self.rung_x, "rung_y": self.rung_y,
+                "cell_x": self.cell_x, "cell_y": self.cell_y}
 
 
 @dataclass
@@ -332,14 +374,30 @@ class ReferenceStore:
             raise StorageError(self.manifest_path, f"the reference store's manifest is not "
                                                    f"valid JSON: {error}") from error
         try:
+            if data.get("format") == "onboard-reference/1":
+                raise StorageError(self.manifest_path, "reference store of format 1, whose "
+                                   "grids were founded by the first frame at each resolution; "
+                                   f"this runtime reads {FORMAT} (grids on a fixed ladder of "
+                                   "pixel sizes), whose places differ: remove the store folder "
+                                   "or give the stage another store path")
             if data.get("format") != FORMAT:
                 raise StorageError(self.manifest_path, f"not a reference store manifest "
                                                        f"(format {data.get('format')!r})")
             stored = (int(data["dim"]), int(data["k"]), str(data["model"]),
                       int(data["cell_px"]))
+            ladder = {name: float(value) for name, value in data["ladder"].items()}
+            if ladder != _ladder():
+                raise StorageError(self.manifest_path, f"reference store keyed on the ladder "
+                                                       f"{ladder}, this runtime's is {_ladder()}: "
+                                                       f"its places differ; remove the store "
+                                                       f"folder or give the stage another path")
             self.sequence = int(data["sequence"])
             self.grids = [CellGrid(int(g["id"]), str(g["crs"]), float(g["cell_x"]),
-                                   float(g["cell_y"])) for g in data["grids"]]
+                                   float(g["cell_y"]), int(g["rung_x"]), int(g["rung_y"]))
+                          for g in data["grids"]]
+            if [g.id for g in self.grids] != list(range(len(self.grids))):
+                raise StorageError(self.manifest_path, "the reference store's grids are not "
+                                                       "numbered 0, 1, 2, ...")
             self.scenes = {int(seq): {"id": str(s["id"]), "t": float(s["t"])}
                            for seq, s in data["scenes"].items()}
             self.committed = OrderedDict((str(scene), int(seq))
@@ -381,25 +439,28 @@ class ReferenceStore:
     # -- places ----------------------------------------------------------------------------------
 
     def grid_for(self, georef: Georef) -> CellGrid:
-        """The grid of ``georef``'s CRS at its resolution (made, in memory, if none fits; it is
-        kept with the first commit that uses it)."""
+        """The grid of ``georef``: its CRS, and per axis the ladder rung nearest its pixel size
+        (see the module docstring). A grid the store has not met yet gets the next id, in
+        memory; it is kept with the first commit that uses it."""
         t = georef.transform
         if not t.is_rectilinear:
             raise GeoreferenceError(None, f"the reference store needs a north-up transform, got "
                                           f"{t}")
         if georef.crs is None:
             raise GeoreferenceError(None, "the reference store needs a CRS to key places")
-        crs = str(georef.crs)
-        cell_x, cell_y = abs(t.a) * self.cell_px, abs(t.e) * self.cell_px
-        fits = [(max(abs(cell_x / g.cell_x - 1), abs(cell_y / g.cell_y - 1)), g.id)
-                for g in self.grids if g.crs == crs]
-        fits = [fit for fit in fits if fit[0] <= GRID_TOLERANCE]
-        if fits:
-            return self.grids[min(fits)[1]]
+        if not (math.isfinite(t.a) and math.isfinite(t.e) and t.a and t.e):
+            raise GeoreferenceError(None, f"the reference store needs a finite, non-zero pixel "
+                                          f"size, got {t}")
+        crs, geographic = str(georef.crs), bool(georef.crs.geographic)
+        rung_x, rung_y = ladder_rung(abs(t.a), geographic), ladder_rung(abs(t.e), geographic)
+        for grid in self.grids:
+            if (grid.crs, grid.rung_x, grid.rung_y) == (crs, rung_x, rung_y):
+                return grid
         if len(self.grids) >= MAX_GRIDS:
             raise GeoreferenceError(None, f"{self.path}: the reference store already has "
                                           f"{MAX_GRIDS} grids")
-        grid = CellGrid(len(self.grids), crs, cell_x, cell_y)
+        grid = CellGrid(len(self.grids), crs, canonical_pixel(rung_x, geographic) * self.cell_px,
+                        canonical_pixel(rung_y, geographic) * self.cell_px, rung_x, rung_y)
         self.grids.append(grid)
         return grid
 
@@ -589,7 +650,8 @@ class ReferenceStore:
             if region in new_regions and new_regions[region]["file"].endswith(f".{seq}.seg"):
                 write_bytes(self.path / new_regions[region]["file"], segment.to_bytes())
         manifest = {"format": FORMAT, "dim": self.dim, "k": self.k, "model": self.model,
-                    "cell_px": self.cell_px, "region_edge": REGION_EDGE, "sequence": seq,
+                    "cell_px": self.cell_px, "region_edge": REGION_EDGE, "ladder": _ladder(),
+                    "sequence": seq,
                     "grids": [g.to_dict() for g in self.grids],
                     "scenes": {str(s): info for s, info in sorted(scenes.items())},
                     "committed": [[s, q] for s, q in committed.items()],
