@@ -56,3 +56,39 @@ def ukis_csmask_bundle(path: str | Path, bands: int = 4, level: str = "l1c",
     onnx_path = ukis_csmask_dir() / f"model_{bands}b_{level}.onnx"
     manifest = ukis_csmask_manifest(bands, level, dn_per_input_unit, name)
     return write_bundle(path, manifest, {"model.onnx": onnx_path})
+
+
+def ukis_csmask_probability(image: np.ndarray, bands: int = 6, level: str = "l1c",
+                            threads: int = 2) -> np.ndarray:
+    """ukis-csmask's class probabilities (3, H, W: clear, cloud, shadow) for one (bands, H, W)
+    TOA reflectance image in blue, green, red, nir[, swir16, swir22] order.
+
+    The same normalisation, 256-pixel tiling with 20 % overlap and smooth blending as the
+    package's ``CSmask`` (whose mask is the argmax of this), but it keeps the probabilities, so
+    that a student can be trained on how sure the teacher was. Images smaller than one tile are
+    reflect-padded (``CSmask`` itself only warns).
+    """
+    from scipy.special import softmax
+    from ukis_csmask.utils import tile_array, untile_array
+
+    from onboard.runtime.engines.onnxruntime import cpu_session
+
+    meta = json.loads((ukis_csmask_dir() / f"model_{bands}b_{level}.json").read_text())
+    stats = meta["data"]["dataset_statistics"]
+    mean = np.asarray(stats["img"][0], np.float32)
+    std = np.asarray(stats["img"][1], np.float32)
+    size = int(meta["data"]["target_size"][0])
+    h, w = image.shape[1:]
+    hwc = np.ascontiguousarray(image[:bands].transpose(1, 2, 0), np.float32)
+    ph, pw = max(0, size - h), max(0, size - w)
+    if ph or pw:
+        hwc = np.pad(hwc, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+    hwc = (hwc - mean) / std
+    session = cpu_session(ukis_csmask_dir() / f"model_{bands}b_{level}.onnx", threads)
+    name = session.get_inputs()[0].name
+    tiles = np.moveaxis(tile_array(hwc, xsize=size, ysize=size, overlap=0.2), -1, 1)
+    probs = np.concatenate([softmax(session.run(None, {name: tiles[i : i + 1]})[0], axis=1)
+                            for i in range(len(tiles))])
+    prob = untile_array(np.moveaxis(probs, 1, -1), (hwc.shape[0], hwc.shape[1], 3),
+                        overlap=0.2, smooth_blending=True)
+    return np.ascontiguousarray(np.moveaxis(prob, -1, 0)[:, :h, :w], np.float32)

@@ -17,7 +17,7 @@ import numpy as np
 from onboard.models.zoo import ZooModel, register
 
 HERE = Path(__file__).resolve().parent
-VERSION = "0.2.1"
+VERSION = "0.3.0"
 TILE = 256
 # Sentinel-2 L1C digital numbers are reflectance x 10000.
 L1C_SCALE = 1e-4
@@ -31,39 +31,53 @@ def _build(bands: int) -> Any:
 
 def train_batches(root: Path, bands: int = 4, batches: int = 300, batch: int = 16,
                   seed: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Augmented training-split batches: x (N, bands, 128, 128) reflectance, y (N, 128, 128)
-    labels (0 clear, 1 cloud, 2 shadow, 3 clear-or-shadow, 255 ignore)."""
+    """Augmented training batches (the distillation recipe): x (N, bands, 128, 128)
+    reflectance, y (N, 128, 128) labels (0 clear, 1 cloud, 2 shadow, 255 ignore)."""
     from onboard.models.cloud import dataset
 
-    sampler = dataset.TileSampler(dataset.training_scenes(root), bands, seed=seed)
+    sampler = dataset.TileSampler(dataset.distillation_scenes(root), bands, seed=seed,
+                                  augment=dataset.SensorAugment(),
+                                  fine=dataset.fine_images(root))
     for _ in range(batches):
         yield sampler.batch(batch)
 
 
+GATE_TILE = 128
+
+
 def validation_batches(root: Path, bands: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The held-out human-labelled rows of the UKIS scene, as two 224 x 256 tiles."""
+    """The accuracy gate's set: every whole 128 x 128 tile of the scenes of
+    :func:`dataset.gate_scenes` (none used for training or calibration), one batch per scene:
+    16 tiles of the UKIS scene (human masks) and 138 of the held-out OSCD dates (teacher
+    labels)."""
     from onboard.models.cloud import dataset
 
-    held = dataset.heldout_human(root)
-    x = np.stack([held.image[:bands, :, :256], held.image[:bands, :, 256:512]])
-    y = np.stack([held.labels[:, :256], held.labels[:, 256:512]])
-    return [(np.ascontiguousarray(x, np.float32), y)]
+    return [dataset.scene_tiles(scene, bands, GATE_TILE) for scene in dataset.gate_scenes(root)]
+
+
+def gate_scene_names() -> list[str]:
+    from onboard.models.cloud import dataset
+
+    return ["ukis (UKIS Sentinel-2 6-band test scene, human masks, 30 m)"] + [
+        f"oscd-{city}-{date} (ukis-csmask teacher labels, 10 m)"
+        for city in dataset.OSCD_HELDOUT for date in (1, 2)]
 
 
 def calibration_tiles(root: Path, n: int, bands: int = 4, seed: int = 2) -> np.ndarray:
-    """``n`` unaugmented 256 x 256 tiles from training-split images (no held-out pixel, and no
-    teacher labels needed, so no s2cloudless run)."""
+    """``n`` unaugmented 128 x 128 tiles from the distillation training images (no gate scene):
+    every other one from the cloudy 13-band scene, the rest from the training OSCD dates at
+    10 m."""
     from onboard.models.cloud import dataset
 
     rng = np.random.default_rng(seed)
-    images = [im for im in dataset.training_images(root) if min(im.shape[1:]) >= TILE]
-    # The UKIS training rows (288 x 512, the only human-labelled sensor) every other tile.
+    images = [dataset.s2cloudless_scene(root).image, *dataset.fine_images(root).values()]
     tiles = []
     for i in range(n):
         image = images[0] if i % 2 == 0 else images[int(rng.integers(1, len(images)))]
         h, w = image.shape[1:]
-        r, c = int(rng.integers(0, h - TILE + 1)), int(rng.integers(0, w - TILE + 1))
-        tiles.append(image[:bands, r : r + TILE, c : c + TILE])
+        r = int(rng.integers(0, h - GATE_TILE + 1))
+        c = int(rng.integers(0, w - GATE_TILE + 1))
+        tiles.append(image[:bands, r : r + GATE_TILE, c : c + GATE_TILE])
     return np.ascontiguousarray(np.stack(tiles), np.float32)
 
 
@@ -102,6 +116,8 @@ for _bands in (4, 6):
         loss=loss,
         metric=metric,
         card=HERE / "card.md",
-        extra={"heldout": "UKIS rows 0-223; OSCD hongkong, paris, dubai, milano; "
-                          "13-band scene rows 512-855"},
+        extra={"heldout": "the whole UKIS scene; OSCD hongkong, paris, dubai, milano",
+               "gate_scenes": gate_scene_names,
+               # Fully convolutional: gated on 128-pixel tiles, flown on 256 (or whole scenes).
+               "dynamic_size": True},
     ))

@@ -1,15 +1,15 @@
-"""Training and evaluation data for the cloud model, and the fixed held-out split.
+"""Training and evaluation data for the cloud model, and the fixed whole-scene split.
 
-Three sources, all read from ``ONBOARD_DATA`` (``../shared/data``):
+Sources, all read from ``ONBOARD_DATA`` (``../shared/data``):
 
-* ``cloud/ukis_sentinel2_6band.npz``: human masks with cloud shadow, ~30 m. Rows
-  ``[0, UKIS_HELDOUT_ROWS)`` are held out and never trained on; the rest is training data.
-* ``cloud/s2cloudless_l1c_13band.npz``: labels from s2cloudless's own probability. Rows
-  ``[S2C_HELDOUT_FROM, 856)`` are held out for teacher-agreement numbers.
-* OSCD cities (both dates) at 10 m, labelled on the ground by s2cloudless (its probability, as
-  the package computes it from the 10 bands; it reproduces ``cl_probs`` of the 13-band scene).
-  The cities in ``OSCD_HELDOUT`` are held out. The probability is computed once and cached
-  (``ONBOARD_CACHE``, default ``~/.cache/onboard``) because s2cloudless runs at ~0.1 Mpx/s.
+* ``cloud/ukis_sentinel2_6band.npz``: human masks with cloud shadow, ~30 m. Version 0.3 holds
+  it out WHOLE (evaluation and the compile gate only); 0.2 trained on rows 224-511.
+* ``cloud/s2cloudless_l1c_13band.npz``: the only scene with much cloud; 0.3 trains on all of it
+  with ukis-csmask teacher labels (:func:`s2cloudless_distilled`).
+* OSCD cities (both dates): 0.3 trains on ukis-csmask teacher labels at 30 m
+  (:func:`oscd_distilled`, cached in ``ONBOARD_CACHE``, default ``~/.cache/onboard``); the
+  cities in ``OSCD_HELDOUT`` are never trained or calibrated on. 0.2 used s2cloudless's
+  probability (:func:`oscd_scene`, :func:`labels_from_probability`), kept for that recipe.
 
 Teacher probabilities become labels by :func:`labels_from_probability` (smoothed, with an
 uncertain band ignored, and clear for sure far from any cloud).
@@ -50,6 +50,9 @@ _S2C_13_INDEX = {"B02": 1, "B03": 2, "B04": 3, "B08": 7, "B11": 11, "B12": 12}
 TEACHER_RADIUS = 4
 TEACHER_CLEAR, TEACHER_CLOUD = 0.3, 0.5
 SHADOW_REACH_PX = 200
+# ukis-csmask as teacher: run at 30 m (OSCD averaged 3 x 3), labels where it is this sure.
+CSMASK_FACTOR = 3
+CSMASK_CONFIDENCE = 0.6
 
 
 @dataclass
@@ -65,10 +68,12 @@ class LabelledScene:
 
 
 def data_root(root: str | Path | None = None) -> Path:
+    """``root``, or the project's one default (``ONBOARD_DATA``, else ``../shared/data``)."""
     if root is not None:
         return Path(root)
-    default = Path(__file__).resolve().parents[3] / "shared" / "data"
-    return Path(os.environ.get("ONBOARD_DATA", default))
+    from onboard.compile.pipeline import default_data_root
+
+    return default_data_root()
 
 
 def cache_dir() -> Path:
@@ -216,6 +221,55 @@ def oscd_scene(city: str, date: int, root: str | Path | None = None,
                          s2c_bands=s2c if with_s2c_bands else None)
 
 
+def _pool_valid(valid: np.ndarray, f: int) -> np.ndarray:
+    h, w = valid.shape[0] // f * f, valid.shape[1] // f * f
+    return valid[:h, :w].reshape(h // f, f, w // f, f).all(axis=(1, 3))
+
+
+def oscd_csmask(city: str, date: int, root: str | Path | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One OSCD date as (10 m image (6, H, W), ukis-csmask's 6-band probabilities at 30 m
+    (3, H // 3, W // 3), 10 m valid mask), cached in ``cache_dir()``.
+
+    ukis-csmask is meant for ~30 m ("for better performance ... approximately 30 m"), so the
+    10 m image is averaged 3 x 3 before the teacher sees it; its probabilities stay at 30 m.
+    """
+    cache = cache_dir() / f"{city}_{date}_csmask6.npz"
+    if cache.exists():
+        data = np.load(cache)
+        return data["image"].astype(np.float32), data["prob"].astype(np.float32), data["valid"]
+    from onboard.models.peers import ukis_csmask_probability
+
+    image, _, valid = _read_oscd(data_root(root) / "oscd" / city / f"imgs_{date}")
+    prob = ukis_csmask_probability(_pool_image(image, CSMASK_FACTOR), bands=6, threads=1)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, image=image.astype(np.float16), prob=prob.astype(np.float16),
+                        valid=valid)
+    tmp.replace(cache)
+    return image, prob, valid
+
+
+def csmask_labels(prob: np.ndarray, valid: np.ndarray | None = None,
+                  confidence: float = CSMASK_CONFIDENCE) -> np.ndarray:
+    """Teacher labels from ukis-csmask's probabilities: its argmax (0 clear, 1 cloud, 2 shadow)
+    where it is at least ``confidence`` sure, IGNORE elsewhere and outside ``valid``."""
+    labels = prob.argmax(0).astype(np.uint8)
+    labels[prob.max(0) < confidence] = IGNORE
+    if valid is not None:
+        labels[~valid] = IGNORE
+    return labels
+
+
+def oscd_distilled(city: str, date: int, root: str | Path | None = None) -> LabelledScene:
+    """One OSCD date at 30 m (the 10 m image averaged 3 x 3) with ukis-csmask teacher labels
+    (clear, cloud and shadow: agreement with a model, not truth)."""
+    image, prob, valid = oscd_csmask(city, date, root)
+    image30 = _pool_image(image, CSMASK_FACTOR)
+    labels = csmask_labels(prob, _pool_valid(valid, CSMASK_FACTOR))
+    return LabelledScene(f"oscd-{city}-{date}", image30, labels, 30.0, human=False)
+
+
 def training_scenes(root: str | Path | None = None, oscd: bool = True) -> list[LabelledScene]:
     """Every training-split scene (never any held-out pixel)."""
     ukis = ukis_scene(root)
@@ -228,6 +282,87 @@ def training_scenes(root: str | Path | None = None, oscd: bool = True) -> list[L
                 continue
             scenes += [oscd_scene(city, 1, root), oscd_scene(city, 2, root)]
     return scenes
+
+
+def s2cloudless_distilled(root: str | Path | None = None) -> LabelledScene:
+    """The whole 13-band scene with ukis-csmask teacher labels (its 6-band model on the scene's
+    own grid; cached). The only teacher scene with much cloud (37 % by the teacher)."""
+    cache = cache_dir() / "s2cloudless-13band_csmask6.npz"
+    scene = s2cloudless_scene(root)
+    if cache.exists():
+        prob = np.load(cache)["prob"].astype(np.float32)
+    else:
+        from onboard.models.peers import ukis_csmask_probability
+
+        prob = ukis_csmask_probability(scene.image, bands=6, threads=1)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, prob=prob.astype(np.float16))
+        tmp.replace(cache)
+    return LabelledScene("s2cloudless-13band", scene.image, csmask_labels(prob), 10.0,
+                         human=False)
+
+
+def with_s2cloudless_agreement(scene: LabelledScene, root: str | Path | None = None
+                               ) -> LabelledScene:
+    """The 13-band scene's teacher labels kept only where s2cloudless (its own smoothed
+    probability, :func:`labels_from_probability`) agrees on cloud / not cloud."""
+    second = s2cloudless_scene(root).labels
+    labels = scene.labels.copy()
+    disagree = ((labels == CLOUD) & (second != CLOUD)) | (
+        np.isin(labels, (CLEAR, SHADOW)) & (second == CLOUD))
+    labels[disagree | (second == IGNORE)] = IGNORE
+    return LabelledScene(scene.name + "+s2cloudless", scene.image, labels, scene.gsd_m, False)
+
+
+def distillation_scenes(root: str | Path | None = None) -> list[LabelledScene]:
+    """The training set of version 0.3: ukis-csmask teacher labels on the 13-band scene and on
+    every OSCD city not in OSCD_HELDOUT (both dates, 30 m). No human-labelled pixel: the UKIS
+    scene is held out whole."""
+    scenes = [s2cloudless_distilled(root)]
+    for city in oscd_cities(root):
+        if city not in OSCD_HELDOUT:
+            scenes += [oscd_distilled(city, 1, root), oscd_distilled(city, 2, root)]
+    return scenes
+
+
+def heldout_oscd(city: str, date: int, root: str | Path | None = None,
+                 fine: bool = False) -> LabelledScene:
+    """A held-out OSCD date with ukis-csmask teacher labels: at 30 m, or (``fine``) the 10 m
+    image with the 30 m labels repeated onto it. Agreement with a model, not truth."""
+    scene = oscd_distilled(city, date, root)
+    if not fine:
+        return scene
+    image = oscd_csmask(city, date, root)[0]
+    h, w = scene.labels.shape[0] * CSMASK_FACTOR, scene.labels.shape[1] * CSMASK_FACTOR
+    return LabelledScene(scene.name, np.ascontiguousarray(image[:, :h, :w]),
+                         _repeat_labels(scene.labels, CSMASK_FACTOR), 10.0, False)
+
+
+def degraded(scene: LabelledScene, f: int) -> LabelledScene:
+    """``scene`` averaged ``f`` x ``f`` (a coarser sensor), labels by 75 % majority."""
+    return LabelledScene(f"{scene.name}@{scene.gsd_m * f:g}m", _pool_image(scene.image, f),
+                         _pool_labels(scene.labels, f), scene.gsd_m * f, scene.human)
+
+
+def gate_scenes(root: str | Path | None = None) -> list[LabelledScene]:
+    """The accuracy gate's scenes, none used for training or calibration: the whole UKIS scene
+    (human masks, 30 m) and both dates of every OSCD_HELDOUT city at 10 m (teacher labels)."""
+    scenes = [ukis_scene(root)]
+    for city in OSCD_HELDOUT:
+        scenes += [heldout_oscd(city, date, root, fine=True) for date in (1, 2)]
+    return scenes
+
+
+def scene_tiles(scene: LabelledScene, bands: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every whole, non-overlapping ``size`` tile of ``scene`` (row-major), bands first."""
+    h, w = scene.labels.shape
+    xs, ys = [], []
+    for r in range(0, h - size + 1, size):
+        for c in range(0, w - size + 1, size):
+            xs.append(scene.image[:bands, r : r + size, c : c + size])
+            ys.append(scene.labels[r : r + size, c : c + size])
+    return np.ascontiguousarray(np.stack(xs), np.float32), np.stack(ys)
 
 
 CALIBRATION_CITIES = ("abudhabi", "beihai", "bercy")
@@ -281,36 +416,110 @@ def _pool_image(image: np.ndarray, f: int) -> np.ndarray:
     return image[:, :h, :w].reshape(c, h // f, f, w // f, f).mean(axis=(2, 4))
 
 
+@dataclass
+class SensorAugment:
+    """Random changes that another sensor, date or atmosphere would make, per tile.
+
+    Gains and offsets per band (another calibration and path radiance), a mix of each band
+    with its spectral neighbours (another band response), haze (a spectrally flat-to-blue veil
+    added over the scene), sensor noise, and a coarser grid resampled back (a 30 m product on a
+    finer grid). All are off with ``SensorAugment.none()``, which keeps only version 0.2's
+    gains.
+    """
+
+    gain_sigma: float = 0.15
+    band_gain_sigma: float = 0.08
+    offset_sigma: float = 0.015
+    band_mix: float = 0.15
+    haze_p: float = 0.3
+    haze_max: float = 0.12
+    noise_sigma: float = 0.004
+    coarse_p: float = 0.2
+
+    @classmethod
+    def none(cls) -> SensorAugment:
+        return cls(0.12, 0.04, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        bands = x.shape[0]
+        if self.band_mix > 0:
+            mixed = x.copy()
+            for b in range(bands):
+                a = rng.uniform(0, self.band_mix)
+                n = b + 1 if b + 1 < bands and (b == 0 or rng.random() < 0.5) else b - 1
+                mixed[b] = (1 - a) * x[b] + a * x[n]
+            x = mixed
+        gain = np.exp(rng.normal(0.0, self.gain_sigma)
+                      + rng.normal(0.0, self.band_gain_sigma, (bands, 1, 1)))
+        x = x * gain.astype(np.float32)
+        if self.offset_sigma > 0:
+            x = x + rng.normal(0.0, self.offset_sigma, (bands, 1, 1)).astype(np.float32)
+        if self.haze_p > 0 and rng.random() < self.haze_p:
+            # Haze scatters blue most; an airlight of 0.1-0.3 reflectance, falling to the SWIR.
+            h = rng.uniform(0, self.haze_max)
+            airlight = rng.uniform(0.1, 0.3) * np.linspace(1.0, rng.uniform(0.2, 0.8), bands)
+            x = (1 - h) * x + h * airlight[:, None, None].astype(np.float32)
+        if self.coarse_p > 0 and rng.random() < self.coarse_p:
+            t = x.shape[1]
+            x = np.repeat(np.repeat(_pool_image(x, 2), 2, axis=1), 2, axis=2)[:, :t, :t]
+        if self.noise_sigma > 0:
+            x = x + rng.normal(0.0, self.noise_sigma, x.shape).astype(np.float32)
+        return np.ascontiguousarray(x, np.float32)
+
+
+def _repeat_labels(labels: np.ndarray, f: int) -> np.ndarray:
+    return np.repeat(np.repeat(labels, f, axis=0), f, axis=1)
+
+
 class TileSampler:
     """Random augmented training tiles from the training split only.
 
-    Teacher scenes at 10 m are also seen average-pooled to 20 and 30 m (the UKIS scene is ~30 m),
-    and every tile's reflectance is scaled by a random gain, globally and per band, so that the
-    model does not depend on one sensor's calibration.
+    Each teacher scene is also seen at other pixel sizes: a 30 m scene at 10 m (its labels
+    repeated onto the 10 m image it was averaged from, when that is known) and at 60 m; a 10 m
+    scene at 20 and 30 m. Scenes with cloud (``cloudy_share`` of the tiles) and without are
+    drawn in fixed shares, because almost all teacher cloud is in one scene. ``augment`` makes
+    each tile look like another sensor's (:class:`SensorAugment`).
     """
 
     def __init__(self, scenes: list[LabelledScene], bands: int, tile: int = 128,
-                 seed: int = 0, human_share: float = 0.75) -> None:
+                 seed: int = 0, human_share: float = 0.75, cloudy_share: float = 0.5,
+                 augment: SensorAugment | None = None,
+                 fine: dict[str, np.ndarray] | None = None) -> None:
         self.bands = bands
         self.tile = tile
         self.rng = np.random.default_rng(seed)
         self.human_share = human_share
+        self.cloudy_share = cloudy_share
+        self.augment = augment or SensorAugment.none()
         self.human: list[LabelledScene] = []
         self.teacher: list[LabelledScene] = []
+        fine = fine or {}
         for scene in scenes:
             if scene.human:
                 self.human.append(scene)
                 continue
-            for f in (1, 2, 3):
-                image = scene.image if f == 1 else _pool_image(scene.image, f)
-                labels = scene.labels if f == 1 else _pool_labels(scene.labels, f)
-                if min(labels.shape) < tile:
-                    continue
-                self.teacher.append(LabelledScene(f"{scene.name}/{f}", image, labels,
-                                                  scene.gsd_m * f, False))
-        # Teacher scenes weighted by pixel count, but at least a share of cloudy tiles.
+            variants = [scene]
+            if scene.name in fine:  # the 10 m image this 30 m scene was averaged from
+                f = CSMASK_FACTOR
+                image = fine[scene.name]
+                h, w = scene.labels.shape[0] * f, scene.labels.shape[1] * f
+                variants.append(LabelledScene(f"{scene.name}/fine", image[:, :h, :w],
+                                              _repeat_labels(scene.labels, f),
+                                              scene.gsd_m / f, False))
+            factors = (2,) if scene.gsd_m >= 30 else (2, 3)
+            for f in factors:
+                variants.append(LabelledScene(f"{scene.name}/{f}", _pool_image(scene.image, f),
+                                              _pool_labels(scene.labels, f), scene.gsd_m * f,
+                                              False))
+            self.teacher += [v for v in variants if min(v.labels.shape) >= tile]
+        cloudy = np.array([float(np.mean(s.labels == CLOUD)) > 0.02 for s in self.teacher])
         sizes = np.array([s.labels.size for s in self.teacher], float)
-        self.teacher_p = sizes / sizes.sum()
+        # Within each group, scenes weighted by pixel count.
+        self.teacher_p = np.zeros(len(self.teacher))
+        for group, share in ((cloudy, cloudy_share), (~cloudy, 1.0 - cloudy_share)):
+            if group.any():
+                self.teacher_p[group] = share * sizes[group] / sizes[group].sum()
+        self.teacher_p /= self.teacher_p.sum()
 
     def tile_from(self, scene: LabelledScene) -> tuple[np.ndarray, np.ndarray]:
         t = self.tile
@@ -323,9 +532,8 @@ class TileSampler:
         x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
         if self.rng.random() < 0.5:
             x, y = x[:, :, ::-1], y[:, ::-1]
-        gain = np.exp(self.rng.normal(0.0, 0.12) + self.rng.normal(0.0, 0.04, (self.bands, 1, 1)))
-        x = x * gain.astype(np.float32)
-        return np.ascontiguousarray(x), np.ascontiguousarray(y)
+        x = self.augment(np.ascontiguousarray(x), self.rng)
+        return x, np.ascontiguousarray(y)
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
@@ -338,6 +546,16 @@ class TileSampler:
             xs.append(x)
             ys.append(y)
         return np.stack(xs), np.stack(ys)
+
+
+def fine_images(root: str | Path | None = None) -> dict[str, np.ndarray]:
+    """The 10 m images of the training OSCD dates, by the names of their 30 m scenes."""
+    out = {}
+    for city in oscd_cities(root):
+        if city not in OSCD_HELDOUT:
+            for date in (1, 2):
+                out[f"oscd-{city}-{date}"] = oscd_csmask(city, date, root)[0]
+    return out
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def binary_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         "iou": _ratio(tp, tp + fp + fn),
         "precision": _ratio(tp, tp + fp),
         "recall": pa_pos,
+        "specificity": pa_neg,  # the producer's accuracy of "not the class"
         "pixels": tp + fp + fn + tn,
     }
 

@@ -12,7 +12,8 @@ to the per-pixel features, which keep the edges sharp. Nearest rather than bilin
 4x resize: it is a copy that OpenVINO runs in INT8, where a bilinear resize at full resolution
 stays in f32 and took 40 % of the INT8 model's time (measured, compile/REPORT.md). Only Conv,
 ReLU, Add, Concat, Resize and AveragePool are used, so the graph exports to ONNX opset 17 and
-quantises to INT8 (QDQ) cleanly. Input: TOA reflectance (DN x 1e-4 for Sentinel-2 L1C), height
+quantises to INT8 (QDQ) cleanly; ``onboard compile`` (``onboard.compile.export``) is the one
+exporter. Input: TOA reflectance (DN x 1e-4 for Sentinel-2 L1C), height
 and width multiples of 16.
 """
 
@@ -100,14 +101,3 @@ def macs_per_pixel(model: CloudNet) -> float:
         h.remove()
     total = sum(shapes.values())
     return total / (size * size)
-
-
-def export_onnx(model: nn.Module, path: str, in_bands: int, size: int = 256) -> None:
-    """ONNX opset 17 with dynamic batch, height and width."""
-    model.eval()
-    dummy = torch.zeros(1, in_bands, size, size)
-    torch.onnx.export(
-        model, (dummy,), path, opset_version=17, dynamo=False,
-        input_names=["reflectance"], output_names=["logits"],
-        dynamic_axes={"reflectance": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}},
-    )

@@ -1,10 +1,10 @@
 """Train the cloud model: ``python -m onboard.models.cloud.train --bands 4|6``.
 
-Human masks (the training rows of the UKIS scene) and s2cloudless teacher labels (the 13-band
-scene's training rows and the training OSCD cities) are mixed 3 tiles to 1 per batch. Teacher
-labels say only cloud / not cloud, so for them the loss is the likelihood of "clear or shadow"
-(the two classes' probabilities summed): shadow is learnt from the human masks alone, without
-the teacher pushing shadow pixels towards "clear".
+Version 0.3 (``--recipe distill``): ukis-csmask teacher labels (clear, cloud, shadow) on the
+13-band scene and the training OSCD cities; no human-labelled pixel (UKIS is held out whole).
+Version 0.2 (``--recipe human``): UKIS training rows and s2cloudless labels mixed 3 tiles to 1;
+teacher labels saying only cloud / not cloud use the likelihood of "clear or shadow" (the two
+classes' probabilities summed).
 """
 
 from __future__ import annotations
@@ -49,23 +49,40 @@ def loss(logits: torch.Tensor, labels: torch.Tensor,
 
 def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
           root: Path | None, out: Path, log_every: int = 50, cloud_weight: float | None = None,
-          human_share: float = 0.75, tune_rows: int = 0, threads: int = 2,
-          upsample: str = "nearest", width: int = 24) -> torch.nn.Module:
-    """Train and save a state_dict to ``out``; ``tune_rows`` > 0 also keeps the first
-    ``tune_rows`` training rows of the UKIS scene out, as an inner validation for choosing
-    settings without looking at the held-out rows."""
+          human_share: float = 0.75, tune_rows: int = 0, threads: int = 1,
+          upsample: str = "nearest", width: int = 24, recipe: str = "distill",
+          augment: str = "sensor-nohaze", agree_s2cloudless: bool = False) -> torch.nn.Module:
+    """Train and save a state_dict to ``out``.
+
+    ``recipe`` "distill" (version 0.3): ukis-csmask teacher labels on the 13-band scene and
+    the training OSCD cities, no human-labelled pixel (UKIS is held out whole). "human" (0.2):
+    UKIS training rows and s2cloudless labels; ``tune_rows`` > 0 then also keeps the first
+    ``tune_rows`` training rows of UKIS out as an inner validation. ``augment`` "sensor" adds
+    :class:`dataset.SensorAugment`; "gain" keeps 0.2's random gains only.
+    ``agree_s2cloudless`` ignores 13-band pixels where s2cloudless disagrees with the teacher.
+    """
     torch.manual_seed(seed)
     np.random.seed(seed)
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    scenes = dataset.training_scenes(root)
-    if tune_rows:
-        ukis = scenes[0]
-        scenes[0] = dataset.split_rows(ukis, tune_rows, ukis.labels.shape[0])
+    fine = None
+    if recipe == "distill":
+        scenes = dataset.distillation_scenes(root)
+        fine = dataset.fine_images(root)
+        if agree_s2cloudless:
+            scenes[0] = dataset.with_s2cloudless_agreement(scenes[0], root)
+    else:
+        scenes = dataset.training_scenes(root)
+        if tune_rows:
+            ukis = scenes[0]
+            scenes[0] = dataset.split_rows(ukis, tune_rows, ukis.labels.shape[0])
+    aug = {"sensor": dataset.SensorAugment(), "sensor-nohaze": dataset.SensorAugment(haze_p=0.0),
+           "gain": dataset.SensorAugment.none()}[augment]
     weights = dict(CLASS_WEIGHTS)
     if cloud_weight is not None:
         weights[CLOUD] = cloud_weight
-    sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed, human_share=human_share)
+    sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed, human_share=human_share,
+                                  augment=aug, fine=fine)
     print(f"data: {len(sampler.human)} human + {len(sampler.teacher)} teacher scenes "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     model = build(bands, upsample=upsample, width=width)
@@ -108,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cloud-weight", type=float, default=None)
     parser.add_argument("--human-share", type=float, default=0.75)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (at most 2 here)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    parser.add_argument("--recipe", choices=("distill", "human"), default="distill")
+    parser.add_argument("--augment", choices=("sensor", "sensor-nohaze", "gain"),
+                        default="sensor-nohaze")
+    parser.add_argument("--agree-s2cloudless", action="store_true",
+                        help="ignore 13-band pixels where s2cloudless and the teacher disagree")
     parser.add_argument("--upsample", choices=("nearest", "bilinear"), default="nearest",
                         help="the context's last 4x resize (bilinear: the first weights)")
     parser.add_argument("--width", type=int, default=24,
@@ -121,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     model = train(args.bands, args.steps, args.batch, args.tile, args.lr, args.seed,
                   args.data, out, cloud_weight=args.cloud_weight,
                   human_share=args.human_share, tune_rows=args.tune_rows,
-                  threads=args.threads, upsample=args.upsample, width=args.width)
+                  threads=args.threads, upsample=args.upsample, width=args.width,
+                  recipe=args.recipe, augment=args.augment,
+                  agree_s2cloudless=args.agree_s2cloudless)
     from onboard.models.cloud.evaluate import predict_torch
     from onboard.models.cloud.metrics import scores
 
@@ -131,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = slice(dataset.UKIS_HELDOUT_ROWS, dataset.UKIS_HELDOUT_ROWS + args.tune_rows)
         print("inner validation:", scores(pred[rows], ukis.labels[rows]), flush=True)
         return 0
-    held = dataset.heldout_human(args.data)
-    pred = predict_torch(model, held.image[: args.bands])
-    print("held-out UKIS:", scores(pred, held.labels), flush=True)
+    # No held-out score here: the held-out scenes are scored once, by evaluate.py.
     return 0
 
 
