@@ -1,5 +1,6 @@
-"""The committed cloud bundles, through the flight runtime only (no torch): size, agreement
-between engines, accuracy on held-out human masks, and `onboard predict` on the sample pass."""
+"""The committed cloud bundles, through the flight runtime only (no torch): size, signature,
+the gate they were compiled under, agreement between engines, accuracy on the held-out UKIS
+scene against ukis-csmask measured here, and `onboard predict` on the sample pass."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from onboard.runtime.sources.oscd import OscdPair
 from onboard.runtime.windows import Window
 
 BUNDLES = Path(__file__).resolve().parents[1] / "models" / "cloud"
+TEST_PUBLIC = Path(__file__).resolve().parents[1] / "keys" / "onboard-test.ed25519.pub"
 CLOUD = 1
 
 
@@ -44,11 +46,26 @@ def test_bundles_verify_and_fit_the_uplink_budget(bands, kind):
     assert m.input.scale == [1e-4] * bands  # Sentinel-2 L1C DN -> TOA reflectance
     assert m.metrics["params"] <= 100_000
     assert m.metrics["boa_drop"] <= 0.01
+    # Gated on the held-out scenes, not on two tiles; and named, so a reader can judge it.
+    gate = m.extra["gate"]
+    assert gate["metric"] == "boa" and gate["tiles"] == m.metrics["validation_tiles"] >= 64
+    assert len(gate["scenes"]) >= 3 and any(s.startswith("ukis ") for s in gate["scenes"])
+    assert abs(gate["final"] - m.metrics["boa"]) < 1e-9
+
+
+@pytest.mark.parametrize("bands", [4, 6])
+@pytest.mark.parametrize("kind", ["int8-ort", "int8-ov", "fp32-ort"])
+def test_bundles_are_signed_by_the_project_test_key(bands, kind):
+    from onboard.runtime.bundle.signature import TrustPolicy, verify_bundle
+
+    verdict = verify_bundle(Bundle.open(_bundle(bands, kind)), TrustPolicy.trusting(TEST_PUBLIC))
+    assert verdict.status == "verified" and verdict.key_id == "223ad9949f275860"
 
 
 @pytest.mark.parametrize("bands", [4, 6])
 def test_onnxruntime_and_openvino_agree_within_1e4_on_real_imagery(bands, sample_pass,
                                                                    test_data):
+    pytest.importorskip("openvino", reason="OpenVINO is an optional engine")
     path = _bundle(bands, "fp32-ort")
     ort = Predictor(open_engine(path, "onnxruntime", threads=1))
     ov = Predictor(open_engine(path, "openvino", threads=1, precision="fp32"))
@@ -67,18 +84,20 @@ def test_onnxruntime_and_openvino_agree_within_1e4_on_real_imagery(bands, sample
 @pytest.mark.parametrize(("kind", "backend"), [("int8-ort", "onnxruntime"),
                                                ("int8-ov", "openvino")])
 def test_int8_bundles_find_the_clouds_of_held_out_human_masks(bands, kind, backend, test_data):
-    # img[:128, :128] of the UKIS scene: inside the rows training never saw
+    # img[:128, :128] of the UKIS scene, which version 0.3 holds out whole
     crop = np.load(test_data / "ukis_6band_crop.npz")
     reflectance = np.moveaxis(crop["img"], -1, 0)[:bands]
     truth = crop["msk"][..., 0] == 4
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is an optional engine")
     engine = open_engine(_bundle(bands, kind), backend, threads=2)
     predictor = Predictor(engine)
     x = engine.input_spec.normalise(reflectance / 1e-4)  # as DN, like the sensor delivers
     predicted = predictor.run([x])[0].argmax(0) == CLOUD
     recall = (predicted & truth).sum() / truth.sum()
     specificity = (~predicted & ~truth).sum() / (~truth).sum()
-    # measured 0.95 / 0.96 with the fp32 weights; INT8 must stay close
-    assert (recall + specificity) / 2 > 0.90
+    # measured 0.896 / 0.913 (4 bands, ORT / OpenVINO) and 0.899 / 0.883 (6 bands)
+    assert (recall + specificity) / 2 > 0.86
     engine.close()
 
 
@@ -94,3 +113,65 @@ def test_predict_on_the_sample_pass_with_the_committed_bundle(tmp_path, sample_p
         assert mask.georef == OscdPair(sample_pass).before.georef
     assert set(np.unique(values)) <= {0, 1, 2}
     assert out.with_suffix(".png").exists()
+
+
+def _heldout_ukis(shared_data):
+    """The whole UKIS scene (human masks; version 0.3 trained on none of it) as reflectance and
+    our labels, through the one remapping the model's data uses."""
+    from onboard.models.cloud.dataset import ukis_scene
+
+    return ukis_scene(shared_data)
+
+
+def _boa(pred: np.ndarray, labels: np.ndarray) -> float:
+    from onboard.models.cloud.metrics import scores
+
+    return scores(pred, labels)["cloud_boa"]
+
+
+def _ours_and_peer(shared_data, bands):
+    pytest.importorskip("ukis_csmask", reason="the peer (ukis-csmask) is not installed")
+    from onboard.models.cloud.evaluate import predict_csmask, predict_engine
+
+    scene = _heldout_ukis(shared_data)
+    got = {}
+    for kind in ("fp32-ort", "int8-ort"):
+        engine = open_engine(_bundle(bands, kind), "onnxruntime", threads=2)
+        got[kind] = _boa(predict_engine(engine, scene.image[:bands]), scene.labels)
+        engine.close()
+    got["peer"] = _boa(predict_csmask(scene.image, bands), scene.labels)
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bands", [4, 6])
+def test_int8_bundle_on_the_held_out_scene_against_the_peer(shared_data, bands):
+    """Measured here, in one run: the shipped INT8 bundle keeps its fp32 accuracy on the whole
+    held-out UKIS scene, and stays within reach of ukis-csmask (results.md: 0.918 / 0.919
+    against 0.964 / 0.959)."""
+    got = _ours_and_peer(shared_data, bands)
+    assert abs(got["int8-ort"] - got["fp32-ort"]) <= 0.005
+    assert got["int8-ort"] >= 0.90
+    assert got["int8-ort"] >= got["peer"] - 0.06
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 13's goal, not met by version 0.3: distilled from "
+                   "one cloudy scene, the INT8 bundle is 0.04-0.05 cloud BOA below ukis-csmask "
+                   "on the held-out UKIS scene (results.md)")
+@pytest.mark.parametrize("bands", [4, 6])
+def test_int8_bundle_beats_the_peer_on_the_held_out_scene(shared_data, bands):
+    got = _ours_and_peer(shared_data, bands)
+    assert got["int8-ort"] >= got["peer"]
+
+
+def test_predict_runs_an_openvino_only_bundle_without_backend(tmp_path, sample_pass):
+    pytest.importorskip("openvino", reason="OpenVINO is an optional engine")
+    out = tmp_path / "clouds.tif"
+    bundle = _bundle(4, "int8-ov")
+    assert set(Bundle.open(bundle).manifest.engines) == {"openvino"}
+    result = subprocess.run(["onboard", "predict", str(bundle), str(sample_pass / "imgs_1"),
+                             "--out", str(out), "--no-png"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with GeoTiffScene(out) as mask:
+        assert set(np.unique(mask.read_pixels(Window(0, 0, 256, 256))[0])) <= {0, 1, 2}

@@ -15,16 +15,15 @@ from onboard.models.cloud.evaluate import (  # noqa: E402
     labelled_npz,
     load_model,
     predict_torch,
-    score_any,
 )
 from onboard.models.cloud.metrics import binary_scores, boa, scores  # noqa: E402
 from onboard.models.cloud.model import build, count_parameters, macs_per_pixel  # noqa: E402
 from onboard.models.cloud.train import loss  # noqa: E402
 
-# Measured on the committed weights (0.2.1) minus a margin: crop 0.951 (4) and 0.964 (6),
-# held-out rows through the zoo 0.962 (4) and 0.965 (6).
-CROP_MIN_BOA = {4: 0.92, 6: 0.92}
-HELDOUT_MIN_BOA = {4: 0.93, 6: 0.94}
+# Measured on the committed weights (0.3.0) minus a margin (see results.md): the crop is part of
+# the UKIS scene, which version 0.3 holds out whole.
+CROP_MIN_BOA = {4: 0.86, 6: 0.85}  # measured 0.893 and 0.882
+GATE_MIN_BOA = {4: 0.92, 6: 0.90}  # measured 0.935 and 0.922
 
 
 @pytest.mark.parametrize("bands", [4, 6])
@@ -47,9 +46,7 @@ def test_trained_weights_load_and_are_small(bands):
 
 @pytest.mark.parametrize("bands", [4, 6])
 def test_heldout_crop_boa(test_data, bands):
-    # tests/data/ukis_6band_crop.npz is img[:128, :128] of the UKIS scene: inside the held-out
-    # rows [0, 224) that training never sees.
-    assert dataset.UKIS_HELDOUT_ROWS >= 128
+    # tests/data/ukis_6band_crop.npz is img[:128, :128] of the UKIS scene, held out whole.
     crop = labelled_npz(test_data / "ukis_6band_crop.npz")
     raw = np.load(test_data / "ukis_6band_crop.npz")["msk"][..., 0]
     assert np.array_equal(crop.labels == 2, raw == 0) and np.array_equal(crop.labels == 1, raw == 4)
@@ -57,37 +54,43 @@ def test_heldout_crop_boa(test_data, bands):
     assert scores(pred, crop.labels)["cloud_boa"] >= CROP_MIN_BOA[bands]
 
 
-def test_score_any_labelled_file(test_data, tmp_path):
+def test_labelled_npz_refuses_what_does_not_fit(test_data, tmp_path):
     crop = np.load(test_data / "ukis_6band_crop.npz")
     path = tmp_path / "four.npz"
     np.savez(path, img=crop["img"][..., :4], msk=crop["msk"])
-    got = score_any(labelled_npz(path))
-    # 4 bands only, and 128 pixels is too small for the peer's 256-pixel tiles.
-    assert set(got) == {"ours-4band"}
-    assert got["ours-4band"]["cloud_boa"] >= CROP_MIN_BOA[4]
+    assert labelled_npz(path).image.shape == (4, 128, 128)
     np.savez(path, img=crop["img"][:64], msk=crop["msk"])
     with pytest.raises(ValueError, match="four.npz.*do not fit"):
         labelled_npz(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bands", [4, 6])
-def test_heldout_split_boa_through_zoo(shared_data, bands):
+def test_gate_set_through_zoo(shared_data, bands):
+    """The gate's tiles: >= 64 from >= 3 scenes, none a training or calibration scene, and the
+    committed weights score there as results.md says."""
     entry = zoo.get(f"cloud-{bands}band")
+    batches = entry.validation_batches(shared_data)
+    names = entry.extra["gate_scenes"]()
+    assert len(batches) == len(names) >= 3 and sum(len(x) for x, _ in batches) >= 64
+    trained = {s.name for s in dataset.distillation_scenes(shared_data)}
+    assert not trained & {n.split(" ")[0] for n in names}
     model = entry.build()
     model.load_state_dict(torch.load(entry.weights, weights_only=True))
-    batches = entry.validation_batches(shared_data)
     with torch.no_grad():
         outputs = [model(torch.from_numpy(x)).numpy() for x, _ in batches]
-    assert entry.metric(outputs, [y for _, y in batches]) >= HELDOUT_MIN_BOA[bands]
+    assert entry.metric(outputs, [y for _, y in batches]) >= GATE_MIN_BOA[bands]
 
 
-def test_training_split_never_touches_heldout(shared_data):
-    ukis = dataset.ukis_scene(shared_data)
-    train = dataset.training_scenes(shared_data, oscd=False)
-    assert train[0].human
-    assert np.array_equal(train[0].labels, ukis.labels[dataset.UKIS_HELDOUT_ROWS:])
-    assert not set(dataset.OSCD_HELDOUT) & {s.name.split("-")[1] for s in train
-                                            if s.name.startswith("oscd")}
+def test_distillation_never_touches_a_heldout_scene(shared_data):
+    scenes = dataset.distillation_scenes(shared_data)
+    assert not any(s.human for s in scenes)  # UKIS, the human-masked scene, is held out whole
+    cities = {s.name.split("-")[1] for s in scenes if s.name.startswith("oscd")}
+    assert len(cities) == len(dataset.oscd_cities(shared_data)) - len(dataset.OSCD_HELDOUT)
+    assert len(dataset.OSCD_HELDOUT) >= 3 and not set(dataset.OSCD_HELDOUT) & cities
+    ukis = dataset.ukis_scene(shared_data).image
+    for scene in scenes:  # no training image is (a crop of) the UKIS scene
+        assert scene.image.shape[1:] != ukis.shape[1:] or not np.allclose(scene.image, ukis)
 
 
 def test_ukis_labels_remapped(shared_data):
@@ -155,15 +158,16 @@ def test_zoo_entries_agree_with_the_shipped_bundles(name, bands):
         assert manifest.output.classes == entry.classes
 
 
-def test_onnx_export_matches_torch(tmp_path, test_data):
+def test_the_one_exporter_matches_torch(tmp_path, test_data):
+    # compile.export is the exporter of the shipped bundles, and of the published numbers.
     ort = pytest.importorskip("onnxruntime")
-    from onboard.models.cloud.model import export_onnx
+    from onboard.compile.export import export_onnx
 
     model = load_model(6)
-    path = tmp_path / "cloud.onnx"
-    export_onnx(model, str(path), 6)
     crop = np.load(test_data / "ukis_6band_crop.npz")["img"].transpose(2, 0, 1)[None]
     x = np.ascontiguousarray(crop, np.float32)
+    path = export_onnx(model, torch.from_numpy(x[:, :, :64, :64]), tmp_path / "cloud.onnx",
+                       dynamic_size=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     with torch.no_grad():
@@ -171,6 +175,9 @@ def test_onnx_export_matches_torch(tmp_path, test_data):
     assert np.abs(got - want).max() < 1e-3
     assert {n.op_type for n in __import__("onnx").load(str(path)).graph.node} <= {
         "Conv", "Relu", "Add", "Concat", "Resize", "AveragePool", "Constant"}
+    import onboard.models.cloud.model as model_module
+
+    assert not hasattr(model_module, "export_onnx")
 
 
 def test_teacher_labels_from_probability():
@@ -191,11 +198,50 @@ def test_teacher_labels_from_probability():
     assert dataset.labels_from_probability(prob, valid)[0, 0] == dataset.IGNORE
 
 
-def test_sampler_tiles(shared_data):
-    sampler = dataset.TileSampler(dataset.training_scenes(shared_data, oscd=False), 4, tile=64)
+def test_csmask_teacher_labels():
+    prob = np.zeros((3, 4, 4), np.float32)
+    prob[0] = 1.0
+    prob[:, 0, 0] = (0.1, 0.8, 0.1)  # sure cloud
+    prob[:, 0, 1] = (0.1, 0.3, 0.6)  # shadow, just sure enough
+    prob[:, 0, 2] = (0.45, 0.1, 0.45)  # unsure
+    valid = np.ones((4, 4), bool)
+    valid[3, 3] = False
+    labels = dataset.csmask_labels(prob, valid)
+    assert labels[0, 0] == dataset.CLOUD and labels[0, 1] == dataset.SHADOW
+    assert labels[0, 2] == dataset.IGNORE and labels[3, 3] == dataset.IGNORE
+    assert labels[2, 2] == dataset.CLEAR
+
+
+def test_sensor_augment_changes_what_a_sensor_would(test_data):
+    crop = labelled_npz(test_data / "ukis_6band_crop.npz").image
+    rng = np.random.default_rng(0)
+    plain = dataset.SensorAugment.none()(crop, rng)
+    # 0.2's augmentation is a gain per band: band ratios per pixel stay put.
+    ratio = plain / np.maximum(crop, 1e-6)
+    assert np.allclose(ratio, ratio[:, :1, :1], rtol=1e-4)
+    strong = dataset.SensorAugment(haze_p=1.0, coarse_p=1.0)
+    x = strong(crop, rng)
+    assert x.shape == crop.shape and x.dtype == np.float32 and np.isfinite(x).all()
+    # Resampled from a 2x coarser grid: 2 x 2 blocks equal up to the noise.
+    assert np.abs(x[:, 0::2, 0::2] - x[:, 1::2, 1::2]).mean() < 0.02
+    assert np.abs(crop[:, 0::2, 0::2] - crop[:, 1::2, 1::2]).mean() > 0.005
+
+
+def test_sampler_tiles_at_several_pixel_sizes(shared_data):
+    scenes = [dataset.s2cloudless_distilled(shared_data),
+              dataset.oscd_distilled("saclay_w", 1, shared_data)]
+    fine = {"oscd-saclay_w-1": dataset.oscd_csmask("saclay_w", 1, shared_data)[0]}
+    sampler = dataset.TileSampler(scenes, 4, tile=64, augment=dataset.SensorAugment(),
+                                  fine=fine, cloudy_share=0.5)
+    names = [s.name for s in sampler.teacher]
+    assert {"oscd-saclay_w-1", "oscd-saclay_w-1/fine", "oscd-saclay_w-1/2",
+            "s2cloudless-13band", "s2cloudless-13band/2"} <= set(names)
+    cloudy = sum(p for s, p in zip(sampler.teacher, sampler.teacher_p, strict=True)
+                 if s.name.startswith("s2cloudless"))
+    assert cloudy == pytest.approx(0.5)
     x, y = sampler.batch(6)
     assert x.shape == (6, 4, 64, 64) and x.dtype == np.float32
-    assert y.shape == (6, 64, 64) and set(np.unique(y)) <= {0, 1, 2, 3, 255}
+    assert y.shape == (6, 64, 64) and set(np.unique(y)) <= {0, 1, 2, 255}
 
 
 def test_missing_data_names_the_file(tmp_path):
@@ -208,15 +254,15 @@ def test_missing_data_names_the_file(tmp_path):
 def test_calibration_tiles_from_training_split(shared_data):
     entry = zoo.get("cloud-6band")
     tiles = entry.calibration_tiles(shared_data, 4)
-    assert tiles.shape == (4, 6, 256, 256) and tiles.dtype == np.float32
+    assert tiles.shape == (4, 6, 128, 128) and tiles.dtype == np.float32
     assert np.isfinite(tiles).all()
-    ukis = dataset.ukis_scene(shared_data)
-    images = dataset.training_images(shared_data)
-    assert np.array_equal(images[0], ukis.image[:, dataset.UKIS_HELDOUT_ROWS:])
-    # Even tiles come from the UKIS training rows: found there, not in the held-out rows.
-    train_rows = ukis.image[:, dataset.UKIS_HELDOUT_ROWS:]
+    # Even tiles come from the 13-band training scene: found there, and not in UKIS.
+    image = dataset.s2cloudless_scene(shared_data).image
     corner = tiles[0, :, 0, 0]
-    assert np.any(np.all(train_rows.transpose(1, 2, 0) == corner, axis=2))
+    assert np.any(np.all(image.transpose(1, 2, 0) == corner, axis=2))
+    ukis = dataset.ukis_scene(shared_data).image
+    for tile in tiles:
+        assert not np.any(np.all(ukis.transpose(1, 2, 0) == tile[:, 0, 0], axis=2))
 
 
 def test_folded_offset_moves_only_the_cloud_logit():
