@@ -98,6 +98,12 @@ def load_model(bands: int, weights: Path | None = None) -> Any:
     return model.eval()
 
 
+def score_scene(pred: np.ndarray, scene: LabelledScene, rows: slice | None = None) -> dict:
+    """Scores of a class map on ``scene`` (optionally on some rows only; bench/peers.py)."""
+    labels = scene.labels if rows is None else scene.labels[rows]
+    return scores(pred if rows is None else pred[rows], labels)
+
+
 def landsat_like(scene: LabelledScene, seed: int = 7) -> LabelledScene:
     """``scene`` through one fixed draw of another band response and calibration: each band
     mixed 10 % with a neighbour, gains 0.9-1.1 and offsets up to 0.01 per band. Fixed before
