@@ -61,10 +61,6 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from onboard.runtime.stages import superres
-
-    if superres.is_superres_bundle(args.bundle):  # values at a new pixel size, streamed
-        return superres.predict(args)
     _check_options(args)
     # A bundle that carries only an OpenVINO IR runs on OpenVINO without --backend.
     args.backend = args.backend or carried_backend(args.bundle)
@@ -72,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
         from onboard.runtime.stages import change
 
         return change.predict(args)
+    from onboard.runtime.stages import superres
+
+    if superres.is_superres_bundle(args.bundle):  # values at a new pixel size, streamed
+        return superres.predict(args)
     telemetry = Telemetry(args.telemetry) if args.telemetry else Telemetry()
     bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
     # A band folder names its bands by file; a GeoTIFF may need --bands to name them.
