@@ -54,8 +54,9 @@ from onboard.runtime.durability import (
     write_json,
     write_text,
 )
-from onboard.runtime.errors import ConfigError, OnboardError, SceneError
+from onboard.runtime.errors import ConfigError, InvalidPixelsError, OnboardError, SceneError
 from onboard.runtime.frame import Frame
+from onboard.runtime.inference import NODATA_CLASS
 from onboard.runtime.scores import Decision, TileScore
 from onboard.runtime.sources.base import Scene
 from onboard.runtime.stages import Stage, StageContext, TileWork, registered_stages
@@ -1035,3 +1036,121 @@ __all__ = [
     "Window",
     "iter_acquisitions",
 ]
+
+
+# -- one bundle over one scene: `onboard predict` -------------------------------------------------
+
+PNG_EDGE = 4096  # the quick-look's longest side, in pixels
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """``onboard predict``: one bundle over one scene, into one GeoTIFF (and a PNG)."""
+
+    bundle: Path
+    input: Path
+    out: Path
+    bands: list[str] | None = None  # an anonymous GeoTIFF's band names, in file order
+    scale: float | None = None  # replaces the bundle's DN -> input scale for every band
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    threads: int | None = None
+    batch: int = 4
+    overlap: int = 16
+    png: bool = True
+    telemetry: Path | None = None
+    trust: list[Path] = field(default_factory=list)  # public keys the bundle must be signed by
+
+
+def predict(request: PredictRequest, progress: Callable[[int, int], None] | None = None,
+            warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run ``request.bundle`` over ``request.input`` tile by tile with overlap, stitched without
+    seams, and write the class mask (255 = no data) or values with the input's georeferencing
+    (at the output's pixel size); returns the summary the CLI prints."""
+    from onboard.runtime.bundle.signature import TrustPolicy
+    from onboard.runtime.downlink.products import write_geotiff
+    from onboard.runtime.downlink.quicklook import write_mask_png
+    from onboard.runtime.engines import open_engine
+    from onboard.runtime.georef import Georef
+    from onboard.runtime.inference import Predictor, check_overlap
+    from onboard.runtime.sources.oscd import open_scene
+
+    warn = warn or (lambda message: None)
+    telemetry = Telemetry(request.telemetry) if request.telemetry else Telemetry()
+    # A band folder names its bands by file; a GeoTIFF may need its band names given.
+    scene = (open_scene(request.input) if request.input.is_dir()
+             else open_scene(request.input, request.bands))
+    engine = open_engine(request.bundle, request.backend, request.device,
+                         threads=request.threads, batch_size=request.batch, telemetry=telemetry,
+                         trust=TrustPolicy.trusting(*request.trust) if request.trust else None)
+    try:
+        check_overlap(request.overlap, engine.input_spec.tile_size, "--overlap")
+        predictor = Predictor(engine, scale=request.scale)
+        errors: list[SceneError] = []
+        product = predictor.predict_scene(scene, request.overlap, request.batch, errors,
+                                          progress)
+        for error in errors:
+            telemetry.emit("tile_error", error=type(error).__name__, message=str(error))
+            warn(str(error))
+        spec = engine.output_spec
+        nodata = _check_prediction(predictor, product, request, telemetry, warn)
+        georef = scene.georef
+        if georef is not None and spec.scale_factor != 1:
+            georef = Georef(georef.crs, georef.transform.scaled(spec.scale_factor))
+        classes = spec.kind == "classes"
+        names = ["class"] if classes else [f"value{i}" for i in range(product.shape[0])]
+        write_geotiff(request.out, product, names, georef, acquired=scene.acquired,
+                      source_id=str(request.input),
+                      extra={"bundle": engine.manifest.name,
+                             "bundle_version": engine.manifest.version,
+                             "bundle_sha256": engine.bundle.sha256,
+                             "classes": {str(k): v for k, v in spec.classes.items()},
+                             "nodata_class": NODATA_CLASS if classes else None,
+                             "nodata_fraction": round(nodata, 6),
+                             "nonfinite_output_tiles": predictor.checked.tiles})
+        summary: dict[str, Any] = {"out": str(request.out), "tiles_failed": len(errors),
+                                   "nodata_fraction": round(nodata, 4),
+                                   "nonfinite_output_tiles": predictor.checked.tiles}
+        if classes:
+            mask = product[0]
+            known = mask != NODATA_CLASS
+            for value, name in sorted(spec.classes.items()):
+                fraction = float((mask[known] == value).mean()) if known.any() else 0.0
+                summary[f"{name}_fraction"] = round(fraction, 4)
+            if request.png:
+                # A quick-look, not the product: every n-th pixel, at most PNG_EDGE px a side
+                # (the full RGB of a 32 768² mask alone is 3 GiB).
+                step = max(1, -(-max(mask.shape) // PNG_EDGE))
+                summary["png"] = str(write_mask_png(request.out.with_suffix(".png"),
+                                                    mask[::step, ::step]))
+        else:
+            summary["min"] = float(np.nanmin(product))
+            summary["max"] = float(np.nanmax(product))
+        telemetry.emit("predict_done", **summary)
+        return summary
+    finally:
+        engine.close()
+        telemetry.close()
+
+
+def _check_prediction(predictor: Any, product: np.ndarray, request: PredictRequest,
+                      telemetry: Telemetry, warn: Callable[[str], None]) -> float:
+    """The product's no-data fraction; warns of non-finite model output and refuses a product
+    with no usable pixel at all (a mask of nothing but no data is not an answer)."""
+    classes = product.dtype == np.uint8
+    known = product[0] != NODATA_CLASS if classes else np.isfinite(product).all(axis=0)
+    nodata = 1.0 - float(known.mean())
+    checked = predictor.checked
+    if checked.tiles:
+        telemetry.emit("nonfinite_output", tiles=checked.tiles, pixels=checked.pixels,
+                       tile_ids=checked.tile_ids, nodata_fraction=round(nodata, 6))
+        warn(f"the model's output was not finite (NaN or infinite) for {checked.pixels} pixels "
+             f"in {checked.tiles} tile(s); they are no data in the product")
+    if not known.any():
+        telemetry.emit("predict_refused", reason="no usable pixel", nodata_fraction=1.0,
+                       nonfinite_output_tiles=checked.tiles)
+        why = "the model's output was not finite" if checked.tiles else \
+            "every input pixel is NaN, infinite, out of range, no data or saturated"
+        raise InvalidPixelsError(request.input, f"no usable pixel: {why}; nothing written to "
+                                             f"{request.out}")
+    return nodata

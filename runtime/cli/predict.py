@@ -6,20 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from onboard.runtime.bundle.signature import TrustPolicy
-from onboard.runtime.downlink.products import write_geotiff
-from onboard.runtime.downlink.quicklook import write_mask_png
 from onboard.runtime.durability import remove_partials
-from onboard.runtime.engines import open_engine
-from onboard.runtime.errors import ConfigError, InvalidPixelsError, SceneError
-from onboard.runtime.georef import Georef
-from onboard.runtime.inference import NODATA_CLASS, Predictor, check_overlap, check_scale
-from onboard.runtime.sources.oscd import open_scene
-from onboard.runtime.telemetry import Telemetry
+from onboard.runtime.errors import ConfigError
+from onboard.runtime.inference import check_scale
 
-PNG_EDGE = 4096  # the quick-look's longest side, in pixels
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")  # preference order for the default
 
 
@@ -72,61 +62,25 @@ def run(args: argparse.Namespace) -> int:
 
     if superres.is_superres_bundle(args.bundle):  # values at a new pixel size, streamed
         return superres.predict(args)
-    telemetry = Telemetry(args.telemetry) if args.telemetry else Telemetry()
-    bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
-    # A band folder names its bands by file; a GeoTIFF may need --bands to name them.
-    scene = open_scene(args.input) if args.input.is_dir() else open_scene(args.input, bands)
-    engine = open_engine(args.bundle, args.backend, args.device, threads=args.threads,
-                         batch_size=args.batch, telemetry=telemetry,
-                         trust=TrustPolicy.trusting(*args.trust) if args.trust else None)
-    check_overlap(args.overlap, engine.input_spec.tile_size, "--overlap")
-    predictor = Predictor(engine, scale=args.scale)
-    errors: list[SceneError] = []
+    from onboard.runtime.pipeline import PredictRequest, predict
+
+    request = PredictRequest(
+        bundle=args.bundle, input=args.input, out=args.out,
+        bands=[b.strip() for b in args.bands.split(",")] if args.bands else None,
+        scale=args.scale, backend=args.backend, device=args.device, threads=args.threads,
+        batch=args.batch, overlap=args.overlap, png=not args.no_png, telemetry=args.telemetry,
+        trust=list(args.trust))
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty() or done == total:
             print(f"\rtiles {done}/{total}", end="\n" if done == total else "", file=sys.stderr)
 
-    product = predictor.predict_scene(scene, args.overlap, args.batch, errors, progress)
-    for error in errors:
-        telemetry.emit("tile_error", error=type(error).__name__, message=str(error))
-        print(f"onboard predict: warning: {error}", file=sys.stderr)
-    spec = engine.output_spec
-    nodata = _check_outputs(predictor, product, args, telemetry)
-    georef = scene.georef
-    if georef is not None and spec.scale_factor != 1:
-        georef = Georef(georef.crs, georef.transform.scaled(spec.scale_factor))
-    classes = spec.kind == "classes"
-    names = ["class"] if classes else [f"value{i}" for i in range(product.shape[0])]
-    write_geotiff(args.out, product, names, georef, acquired=scene.acquired,
-                  source_id=str(args.input),
-                  extra={"bundle": engine.manifest.name, "bundle_version": engine.manifest.version,
-                         "bundle_sha256": engine.bundle.sha256,
-                         "classes": {str(k): v for k, v in spec.classes.items()},
-                         "nodata_class": NODATA_CLASS if classes else None,
-                         "nodata_fraction": round(nodata, 6),
-                         "nonfinite_output_tiles": predictor.checked.tiles})
-    summary = {"out": str(args.out), "tiles_failed": len(errors),
-               "nodata_fraction": round(nodata, 4),
-               "nonfinite_output_tiles": predictor.checked.tiles}
-    if classes:
-        mask = product[0]
-        known = mask != NODATA_CLASS
-        for value, name in sorted(spec.classes.items()):
-            fraction = float((mask[known] == value).mean()) if known.any() else 0.0
-            summary[f"{name}_fraction"] = round(fraction, 4)
-        if not args.no_png:
-            # A quick-look, not the product: every n-th pixel, at most PNG_EDGE px a side (the
-            # full RGB of a 32 768² mask alone is 3 GiB).
-            step = max(1, -(-max(mask.shape) // PNG_EDGE))
-            summary["png"] = str(write_mask_png(args.out.with_suffix(".png"),
-                                                mask[::step, ::step]))
-    else:
-        summary["min"], summary["max"] = float(np.nanmin(product)), float(np.nanmax(product))
-    telemetry.emit("predict_done", **summary)
+    def warn(message: str) -> None:
+        print(f"onboard predict: warning: {message}", file=sys.stderr)
+
+    summary = predict(request, progress=progress, warn=warn)
     for key, value in summary.items():
         print(f"{key}: {value}")
-    engine.close()
     return 0
 
 
@@ -147,27 +101,3 @@ def _check_options(args: argparse.Namespace) -> None:
                 raise ConfigError(f"--out {args.out}: {folder} is a file, not a folder")
             break
     remove_partials(args.out.parent)  # what a killed earlier run left half-written
-
-
-def _check_outputs(predictor: Predictor, product: np.ndarray, args: argparse.Namespace,
-                   telemetry: Telemetry) -> float:
-    """The product's no-data fraction; warns of non-finite model output and refuses a product
-    with no usable pixel at all (a mask of nothing but no data is not an answer)."""
-    classes = product.dtype == np.uint8
-    known = product[0] != NODATA_CLASS if classes else np.isfinite(product).all(axis=0)
-    nodata = 1.0 - float(known.mean())
-    checked = predictor.checked
-    if checked.tiles:
-        telemetry.emit("nonfinite_output", tiles=checked.tiles, pixels=checked.pixels,
-                       tile_ids=checked.tile_ids, nodata_fraction=round(nodata, 6))
-        print(f"onboard predict: warning: the model's output was not finite (NaN or infinite) "
-              f"for {checked.pixels} pixels in {checked.tiles} tile(s); they are no data in the "
-              f"product", file=sys.stderr)
-    if not known.any():
-        telemetry.emit("predict_refused", reason="no usable pixel", nodata_fraction=1.0,
-                       nonfinite_output_tiles=checked.tiles)
-        why = "the model's output was not finite" if checked.tiles else \
-            "every input pixel is NaN, infinite, out of range, no data or saturated"
-        raise InvalidPixelsError(args.input, f"no usable pixel: {why}; nothing written to "
-                                             f"{args.out}")
-    return nodata
