@@ -229,7 +229,9 @@ def test_results_equal_a_local_pipeline_score(config, dates, tmp_path):
     for ident, tiles in expected.items():
         assert results[ident]["tiles"] == tiles
         assert len(tiles) == 64
-    assert sum(r["decisions"]["demote"] for r in results.values()) > 0  # a real choice
+    # Not a constant answer: the tiles' measured cloud differs (it is compared above exactly).
+    assert len({round(t["values"]["clear_fraction"], 3) for tiles in expected.values()
+                for t in tiles}) > 2
     telemetry = [r["record"]["event"] for r in replies if r["type"] == "telemetry"]
     assert telemetry.count("acquisition") == 2 and "tile" in telemetry
     assert replies[-1] == {"type": "end", "frames": 2, "scored": 2, "dropped": 0, "errors": 0,
