@@ -380,3 +380,41 @@ def test_superres_among_the_kinds_needs_its_section_and_a_value(tmp_path):
     with pytest.raises(ConfigError, match="no \\[superres\\] section"):
         pipeline.run(_config(tmp_path, "[products]\nkinds = ['full', 'superres']\n"),
                      tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_onboard_run_killed_at_random_points_loses_nothing_and_stores_nothing_twice(tmp_path):
+    """SIGKILL `onboard run` 50 times at random points over one output folder, then let it
+    finish: nothing half-written is left, every queued product is whole, and the ground holds
+    each delivered product exactly once."""
+    import random as _random
+
+    from onboard.runtime.downlink.link import Receiver, stored_name
+    from onboard.runtime.downlink.queue import DownlinkQueue, file_sha256
+
+    out = tmp_path / "out"
+    rng = _random.Random(9)
+    kills = 0
+    while kills < 50:
+        child = subprocess.Popen(["onboard", "run", "--out", str(out)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.4, 1.8))  # the sample run takes about 2 s here
+        if child.poll() is None:
+            child.kill()
+            kills += 1
+        child.wait()
+        child.stderr.close()
+    final = subprocess.run(["onboard", "run", "--out", str(out)], capture_output=True,
+                           text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert not list(out.rglob("*.partial"))
+    with DownlinkQueue(out / "queue.sqlite") as queue:
+        items = queue.items()
+        acknowledged = {i.id for i in items if i.state == "acknowledged"}
+        for item in items:
+            assert file_sha256(item.path) == item.sha256, item.id
+    receiver = Receiver(out / "ground")
+    assert receiver.ids() == acknowledged and acknowledged
+    assert all(n == 1 for n in receiver.stored_counts().values())
+    for item_id in acknowledged:
+        assert (out / "ground" / "store" / stored_name(item_id)).exists()
