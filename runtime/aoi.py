@@ -93,14 +93,15 @@ def _rings(geometry: dict[str, Any], path: Path) -> list[list[np.ndarray]]:
     coords = geometry.get("coordinates")
     polygons = coords if geometry["type"] == "MultiPolygon" else [coords]
     out = []
-    try:
-        for polygon in polygons:
+    for polygon in polygons:
+        try:
             rings = [np.asarray(ring, float)[:, :2] for ring in polygon]
-            if not rings or any(len(r) < 4 for r in rings):
-                raise ValueError("a ring needs at least four positions")
-            out.append(rings)
-    except (TypeError, ValueError, IndexError) as error:
-        raise ConfigError(f"{path}: malformed polygon coordinates: {error}") from error
+        except (TypeError, ValueError, IndexError) as error:
+            raise ConfigError(f"{path}: malformed polygon coordinates: {error}") from error
+        if not rings or any(len(r) < 4 for r in rings):
+            raise ConfigError(f"{path}: malformed polygon coordinates: a ring needs at least "
+                              f"four positions")
+        out.append(rings)
     return out
 
 

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Union
 
-from onboard.runtime.errors import ConfigError
+from onboard.runtime.errors import ConfigError, UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,10 +69,10 @@ _SECTIONS: dict[str, Section] = {}
 def register_section(name: str, cls: type, *, many: bool = False, doc: str = "") -> type:
     """Make ``[name]`` (or ``[[name]]`` when ``many``) a known section mapped onto ``cls``."""
     if not is_dataclass(cls):
-        raise TypeError(f"section {name!r}: {cls!r} is not a dataclass")
+        raise UsageError(f"section {name!r}: {cls!r} is not a dataclass")
     known = _SECTIONS.get(name)
     if known is not None and known.cls is not cls:
-        raise TypeError(f"section {name!r} is already registered to {known.cls.__name__}")
+        raise UsageError(f"section {name!r} is already registered to {known.cls.__name__}")
     _SECTIONS[name] = Section(name, cls, many, doc)
     return cls
 

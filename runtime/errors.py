@@ -142,3 +142,13 @@ class ProtocolError(OnboardError, ValueError):
 class BundleSignatureError(BundleError):
     """A bundle is not signed by a key this runtime trusts: unsigned where signatures are
     required, signed by an unknown key, or its signature does not verify (changed or forged)."""
+
+
+class ShapeError(OnboardError, ValueError):
+    """An array handed to the runtime has the wrong shape, type or order (a tile result that
+    does not fit its grid, latent codes of another size)."""
+
+
+class UsageError(OnboardError, TypeError):
+    """The runtime was called the wrong way by code (a section registered twice, a manifest
+    built with both or neither of its spec forms): a programming error, found at once."""

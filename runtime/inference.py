@@ -17,7 +17,7 @@ import numpy as np
 from onboard.runtime.bundle import InputSpec
 from onboard.runtime.engines import open_engine
 from onboard.runtime.engines.base import Engine
-from onboard.runtime.errors import ConfigError
+from onboard.runtime.errors import ConfigError, EngineInputError
 from onboard.runtime.frame import Frame
 from onboard.runtime.sources.base import Scene, Tile, iter_tiles
 from onboard.runtime.telemetry import Telemetry
@@ -122,7 +122,7 @@ class Predictor:
         for i, x in enumerate(inputs):
             h, w = x.shape[1:]
             if h > size or w > size:
-                raise ValueError(f"tile {h}×{w} is larger than the model's {size}×{size}")
+                raise EngineInputError(f"tile {h}×{w} is larger than the model's {size}×{size}")
             if h == size and w == size:
                 batch[i] = x
                 continue

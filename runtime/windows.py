@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onboard.runtime.errors import ConfigError
+from onboard.runtime.errors import ConfigError, ShapeError
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Stitcher:
         if result.ndim == 2:
             result = result[None]
         if result.shape[1:] != expected:
-            raise ValueError(f"tile {placement.index} result is {result.shape[1:]}, "
+            raise ShapeError(f"tile {placement.index} result is {result.shape[1:]}, "
                              f"expected {expected}")
         inner = placement.core.relative_to(placement.window).scaled(self.scale)
         self.out[(slice(None), *placement.core.scaled(self.scale).slices)] = result[
@@ -183,10 +183,10 @@ class StreamingStitcher:
         if result.ndim == 2:
             result = result[None]
         if result.shape[1:] != expected or result.shape[0] != self.channels:
-            raise ValueError(f"tile {placement.index} result is {result.shape}, expected "
+            raise ShapeError(f"tile {placement.index} result is {result.shape}, expected "
                              f"{(self.channels, *expected)}")
         if placement.index < self._next:
-            raise ValueError(f"tile {placement.index} arrived after tile {self._next - 1}: "
+            raise ShapeError(f"tile {placement.index} arrived after tile {self._next - 1}: "
                              "tiles must come in the grid's order")
         core = placement.core.scaled(self.scale)
         inner = placement.core.relative_to(placement.window).scaled(self.scale)

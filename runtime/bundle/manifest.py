@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from onboard.runtime.errors import BundleSchemaError, EngineInputError
+from onboard.runtime.errors import BundleSchemaError, EngineInputError, UsageError
 
 SCHEMA_VERSION = 2  # the newest this runtime reads
 TASKS = ("cloud", "change", "superres", "segmentation")
@@ -240,11 +240,11 @@ class Manifest:
 def _one_or_many(many: list[Any] | None, one: Any | None, singular: str) -> list[Any]:
     if one is None:
         if many is None:
-            raise TypeError(f"Manifest needs {singular}s=[...] or {singular}=...")
+            raise UsageError(f"Manifest needs {singular}s=[...] or {singular}=...")
         return list(many)
     # dataclasses.replace(manifest, input=spec) passes the old one-element list as well.
     if many is not None and len(many) > 1:
-        raise TypeError(f"Manifest got both {singular}= and {singular}s= with "
+        raise UsageError(f"Manifest got both {singular}= and {singular}s= with "
                         f"{len(many)} {singular}s; give one of them")
     return [one]
 

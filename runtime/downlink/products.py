@@ -166,7 +166,7 @@ def crop(frame: Frame, window: Window) -> Frame:
 def _geotiff_options(dtype: np.dtype, compression: str, level: int | None,
                      max_error: float | None) -> dict[str, Any]:
     if compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        raise ConfigError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
     if compression == "none":
         return {}
     if compression == "lerc":
@@ -283,14 +283,14 @@ def write_geotiff(
             pixels = pixels[None]
         shape, dtype = pixels.shape, pixels.dtype
     elif shape is None or dtype is None:
-        raise ValueError("shape and dtype are required when pixels is an iterator of tiles")
+        raise ConfigError("shape and dtype are required when pixels is an iterator of tiles")
     if shape[0] != len(bands):
         raise BandError(path, f"{shape[0]} bands of pixels but {len(bands)} band names")
     dtype = np.dtype(dtype)
     options = _geotiff_options(dtype, compression, level, max_error)
     description, extratags = _tiff_tags(bands, georef, acquired, source_id, extra)
     if planar not in ("separate", "contig"):
-        raise ValueError(f"planar must be 'separate' or 'contig', got {planar!r}")
+        raise ConfigError(f"planar must be 'separate' or 'contig', got {planar!r}")
     try:
         with atomic_path(path) as tmp:
             _write_tiff(tmp, pixels, shape, dtype, tile, description, extratags, options,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onboard.runtime.errors import ShapeError
 from onboard.runtime.png import write_png
 from onboard.runtime.scores import Decision, TileScore
 
@@ -218,10 +219,10 @@ def render_pass_quicklook(
     scores = list(scores)
     chosen = set(chosen_tile_ids)
     if rgb.ndim != 3 or rgb.shape[0] != 3:
-        raise ValueError(f"rgb must be (3, H, W) red, green, blue, got {rgb.shape}")
+        raise ShapeError(f"rgb must be (3, H, W) red, green, blue, got {rgb.shape}")
     h, w = rgb.shape[1:]
     if cloud_mask is not None and cloud_mask.shape != (h, w):
-        raise ValueError(f"cloud mask is {cloud_mask.shape}, the scene {(h, w)}")
+        raise ShapeError(f"cloud mask is {cloud_mask.shape}, the scene {(h, w)}")
     # A small scene is zoomed by an integer factor (crisp pixels), a large one subsampled.
     zoom = max(1, target_size // max(h, w))
     step = max(1, -(-max(h, w) // target_size))

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from onboard.runtime.downlink.products import Product
-from onboard.runtime.errors import GeoreferenceError
+from onboard.runtime.errors import ConfigError, GeoreferenceError
 from onboard.runtime.georef import CRS, Georef
 from onboard.runtime.scores import TileScore
 
@@ -126,7 +126,7 @@ def make_item(
     if moment is None:
         raise GeoreferenceError(None, f"{item_id}: a STAC Item needs the acquisition time")
     if href.startswith("/") or "://" in href:
-        raise ValueError(f"{item_id}: asset href must be relative to the Item, got {href!r}")
+        raise ConfigError(f"{item_id}: asset href must be relative to the Item, got {href!r}")
     properties: dict[str, Any] = {"datetime": _utc(moment)}
     if product.georef is not None and product.georef.crs is not None:
         geometry, bbox = footprint(product.georef, product.shape)

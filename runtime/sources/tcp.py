@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from onboard.runtime.bands import resolve_band_indices
-from onboard.runtime.errors import ProtocolError, SceneError
+from onboard.runtime.errors import ConfigError, ProtocolError, SceneError
 from onboard.runtime.frame import Frame, valid_mask
 from onboard.runtime.georef import CRS, Affine, Georef
 from onboard.runtime.windows import Window
@@ -63,9 +63,9 @@ class Limits:
 
     def __post_init__(self) -> None:
         if self.max_frame_bytes < 1:
-            raise ValueError(f"max_frame_bytes must be positive, got {self.max_frame_bytes}")
+            raise ConfigError(f"max_frame_bytes must be positive, got {self.max_frame_bytes}")
         if not 64 <= self.max_header_bytes <= MAX_HEADER_BYTES:
-            raise ValueError(f"max_header_bytes must be in [64, {MAX_HEADER_BYTES}], got "
+            raise ConfigError(f"max_header_bytes must be in [64, {MAX_HEADER_BYTES}], got "
                              f"{self.max_header_bytes}")
 
 

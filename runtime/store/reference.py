@@ -87,7 +87,7 @@ from typing import Any
 import numpy as np
 
 from onboard.runtime.durability import remove_partials, write_bytes, write_text
-from onboard.runtime.errors import ConfigError, GeoreferenceError, StorageError
+from onboard.runtime.errors import ConfigError, GeoreferenceError, ShapeError, StorageError
 from onboard.runtime.georef import Georef
 
 # Format 2: grids on the fixed ladder. Format 1 founded a grid per resolution from the first frame
@@ -562,10 +562,10 @@ class ReferenceStore:
         codes = np.asarray(codes)
         clear = np.asarray(clear, bool)
         if codes.shape != (len(keys), self.dim) or codes.dtype != np.int8:
-            raise ValueError(f"{self.path}: codes must be int8 ({len(keys)}, {self.dim}), got "
+            raise ShapeError(f"{self.path}: codes must be int8 ({len(keys)}, {self.dim}), got "
                              f"{codes.dtype} {codes.shape}")
         if clear.shape != (len(keys),):
-            raise ValueError(f"{self.path}: clear must be ({len(keys)},), got {clear.shape}")
+            raise ShapeError(f"{self.path}: clear must be ({len(keys)},), got {clear.shape}")
         staged = self._staged.setdefault(scene, _Staged(acquired))
         packed = keys.packed()
         staged.seen_keys.append(packed)
