@@ -1067,7 +1067,6 @@ def predict(request: PredictRequest, progress: Callable[[int, int], None] | None
     """Run ``request.bundle`` over ``request.input`` tile by tile with overlap, stitched without
     seams, and write the class mask (255 = no data) or values with the input's georeferencing
     (at the output's pixel size); returns the summary the CLI prints."""
-    from onboard.runtime.bundle.signature import TrustPolicy
     from onboard.runtime.downlink.products import write_geotiff
     from onboard.runtime.downlink.quicklook import write_mask_png
     from onboard.runtime.engines import open_engine
@@ -1082,7 +1081,7 @@ def predict(request: PredictRequest, progress: Callable[[int, int], None] | None
              else open_scene(request.input, request.bands))
     engine = open_engine(request.bundle, request.backend, request.device,
                          threads=request.threads, batch_size=request.batch, telemetry=telemetry,
-                         trust=TrustPolicy.trusting(*request.trust) if request.trust else None)
+                         trust=list(request.trust) or None)
     try:
         check_overlap(request.overlap, engine.input_spec.tile_size, "--overlap")
         predictor = Predictor(engine, scale=request.scale)

@@ -49,10 +49,11 @@ def open_engine(bundle: Bundle | str | Path, backend: str = "onnxruntime", devic
                 *, threads: int | None = None, batch_size: int = 1, warmup: int = 1,
                 precision: str | None = None, fallback: Bundle | str | Path | None = None,
                 telemetry: Telemetry | None = None, cache_dir: Path | None = None,
-                trust: TrustPolicy | None = None) -> Engine:
+                trust: TrustPolicy | list[Path] | tuple[Path, ...] | None = None) -> Engine:
     """Verify ``bundle`` and load it on ``backend``/``device``.
 
-    ``trust`` says which signing keys are trusted (default: the installed policy, see
+    ``trust`` says which signing keys are trusted (a policy, or public key paths; default: the
+    installed policy, see
     :func:`~onboard.runtime.bundle.signature.install_trust_policy`; none: not checked).
     When the bundle is refused (damaged, wrong schema, missing engine file, not signed by a
     trusted key) or its engine cannot load (e.g. a TensorRT engine from another TensorRT
@@ -61,6 +62,8 @@ def open_engine(bundle: Bundle | str | Path, backend: str = "onnxruntime", devic
     telemetry, and ``engine.fallback_from`` names the refused bundle.
     """
     cls = engine_class(backend)
+    if isinstance(trust, (list, tuple)):  # public key files or folders, as a CLI names them
+        trust = TrustPolicy.trusting(*trust) if trust else None
     policy = trust if trust is not None else active_trust_policy()
     if cache_dir is not None:
         remove_partials(cache_dir)  # what a killed engine build left half-written

@@ -518,13 +518,9 @@ def predict(args: Any) -> int:
     from onboard.runtime.sources.oscd import OscdScene
 
     telemetry = Telemetry(args.telemetry) if getattr(args, "telemetry", None) else Telemetry()
-    options: dict[str, Any] = {}
-    if getattr(args, "trust", None):
-        from onboard.runtime.bundle.signature import TrustPolicy
-
-        options["trust"] = TrustPolicy.trusting(*args.trust)
     engine = open_engine(args.bundle, args.backend, args.device, threads=args.threads,
-                         batch_size=args.batch, telemetry=telemetry, **options)
+                         batch_size=args.batch, telemetry=telemetry,
+                         trust=list(getattr(args, "trust", None) or []) or None)
     bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
     scenes: list[Any] = []
     try:
