@@ -42,6 +42,7 @@ from onboard.runtime.downlink.planner import (
     Candidate,
     ContactWindow,
     PlannerConfig,
+    as_utc,
     candidates_for,
     exact_optimum,
     plan,
@@ -681,7 +682,7 @@ class PassRunner:
 
             self.superres = LazySuperResolver(config.section("superres"), self.telemetry)
         self.queue = DownlinkQueue(out / "queue.sqlite")
-        self.windows = sorted(config.section("passes"), key=lambda w: _aware(w.start))
+        self.windows = sorted(config.section("passes"), key=lambda w: as_utc(w.start))
         self.pipeline = Pipeline(config, self.telemetry, out / "state", progress)
         self.bundle_ids = [f"{d.get('bundle', '?')}@{d.get('version', '?')}"
                            for d in (s.describe() for s in self.pipeline.stages)]
@@ -731,16 +732,16 @@ class PassRunner:
             # contact window is planned only after every scene acquired before it (undated
             # ones first, in source order). A spool delivers in arrival order as it fills.
             acquisitions = iter(sorted(acquisitions, key=lambda a: (
-                a.acquired is not None, _aware(a.acquired) if a.acquired else self.started)))
+                a.acquired is not None, as_utc(a.acquired) if a.acquired else self.started)))
         for acquisition in acquisitions:
-            when = _aware(acquisition.acquired) if acquisition.acquired else None
-            while pending and when is not None and _aware(pending[0].start) <= when:
+            when = as_utc(acquisition.acquired) if acquisition.acquired else None
+            while pending and when is not None and as_utc(pending[0].start) <= when:
                 self._contact(pending.pop(0))
             self._score(acquisition)
         while pending:
             self._contact(pending.pop(0))
         if not self.windows:
-            dated = [_aware(r.acquired) for r in self.result.acquisitions if r.acquired]
+            dated = [as_utc(r.acquired) for r in self.result.acquisitions if r.acquired]
             self.windows = [_default_window(max(dated) if dated else self.started)]
             self._contact(self.windows[0])
         wall = time.perf_counter() - started
@@ -794,7 +795,7 @@ class PassRunner:
 
     def _contact(self, window: ContactWindow) -> None:
         index = len(self.window_summaries)
-        now = _aware(window.start)
+        now = as_utc(window.start)
         candidates = self._candidates(now)
         self.all_candidates.extend(candidates)
         chosen_plan = plan(candidates, [window], self.planner_config)
@@ -999,10 +1000,6 @@ def _count(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
         for key, value in d.items():
             out[key] = out.get(key, 0) + value
     return out
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def run(config_path: str | Path, out: str | Path,

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from onboard.runtime.config import Config, load_config
+from onboard.runtime.downlink.planner import as_utc
 from onboard.runtime.durability import (
     Journal,
     atomic_path,
@@ -192,7 +193,7 @@ def discover(config: Config, archive: Sequence[str | Path]) -> Archive:
         per_path.append((path, refs))
 
     def first(entry: tuple[Path, list[SceneRef]]) -> datetime:
-        dated = [_aware(r.acquired) for r in entry[1] if r.acquired is not None]
+        dated = [as_utc(r.acquired) for r in entry[1] if r.acquired is not None]
         return min(dated) if dated else UNDATED
 
     per_path.sort(key=first)  # stable: same-time entries keep the order they were given in
@@ -283,10 +284,6 @@ def overlapping_partitions(parts: Sequence[Partition]) -> list[tuple[str, str]]:
 
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_+." else "_" for c in text) or "place"
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 # -- one partition, on a worker -------------------------------------------------------------------
@@ -826,7 +823,7 @@ def write_tables(result: ReplayResult, results: dict[str, AcquisitionResult],
         for score in scored.scores:
             product = products.get(score.tile_id, {})
             for key, value in (("scene", scene["id"]), ("place", place), ("partition", part),
-                               ("acquired", _aware(acquired) if acquired else None),
+                               ("acquired", as_utc(acquired) if acquired else None),
                                ("tile_id", score.tile_id), ("row", score.window[0]),
                                ("col", score.window[1]), ("height", score.window[2]),
                                ("width", score.window[3]), ("decision", str(score.decision)),
@@ -849,7 +846,7 @@ def write_tables(result: ReplayResult, results: dict[str, AcquisitionResult],
         "place": [s["place"] for s in result.scenes],
         "partition": [s["partition"] for s in result.scenes],
         "path": [s["path"] for s in result.scenes],
-        "acquired": pa.array([_aware(s["acquired"]) if s["acquired"] else None
+        "acquired": pa.array([as_utc(s["acquired"]) if s["acquired"] else None
                               for s in result.scenes], stamp),
         "mpx": [s["mpx"] for s in result.scenes],
         "status": [s["status"] for s in result.scenes],
@@ -891,7 +888,7 @@ def scores_over_time(results: dict[str, AcquisitionResult], scenes: list[dict[st
         found = [s.values[name] for s in result.scores if s.usable and name in s.values]
         if found:
             out.setdefault(scene["place"], []).append(
-                (_aware(scene["acquired"]), float(np.mean(found))))
+                (as_utc(scene["acquired"]), float(np.mean(found))))
     for series in out.values():
         series.sort()
     return out

@@ -54,7 +54,7 @@ class PlanError(OnboardError, ValueError):
     """A candidate or window the planner cannot use (negative size, no tile id, ...)."""
 
 
-def _utc(moment: datetime) -> datetime:
+def as_utc(moment: datetime) -> datetime:
     # A naive time is taken as UTC, like the config's date-times: comparing naive and aware
     # times would otherwise raise in the middle of a pass.
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
@@ -94,7 +94,7 @@ class ContactWindow:
         return self.start + timedelta(seconds=self.duration_s)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"start": _utc(self.start).isoformat(), "end": _utc(self.end).isoformat(),
+        return {"start": as_utc(self.start).isoformat(), "end": as_utc(self.end).isoformat(),
                 "duration_s": self.duration_s, "bitrate_bps": self.bitrate_bps,
                 "margin": self.margin, "budget_bytes": self.budget_bytes}
 
@@ -216,7 +216,7 @@ def value_of(score: TileScore, kind: str, now: datetime, acquired: datetime | No
     if acquired is None:
         parts.append("age unknown")
     elif config.age_half_life_s > 0:
-        age_s = max((_utc(now) - _utc(acquired)).total_seconds(), 0.0)
+        age_s = max((as_utc(now) - as_utc(acquired)).total_seconds(), 0.0)
         age_factor = 0.5 ** (age_s / config.age_half_life_s)
         parts.append(f"age {age_s / 3600:.1f} h ({age_factor:.2f})")
 
@@ -508,7 +508,7 @@ def _fifo_baseline(candidates: Sequence[Candidate], budgets: Sequence[int],
     closing at the first product that does not fit what is left of it."""
     earliest = datetime.min.replace(tzinfo=timezone.utc)
     queue = sorted((c for c in candidates if c.kind == kind),
-                   key=lambda c: (_utc(c.acquired) if c.acquired else earliest, c.acquisition,
+                   key=lambda c: (as_utc(c.acquired) if c.acquired else earliest, c.acquisition,
                                   c.tile_id))
     value, sent, position = 0.0, 0, 0
     for budget in budgets:
@@ -648,7 +648,7 @@ def plan(candidates: Iterable[Candidate], windows: Sequence[ContactWindow],
     """
     config = config or PlannerConfig()
     candidates = list(candidates)
-    ordered = sorted(windows, key=lambda w: _utc(w.start))
+    ordered = sorted(windows, key=lambda w: as_utc(w.start))
     budgets = [w.budget_bytes for w in ordered]
     cap = max(budgets, default=0)
     seen: dict[str, int] = {}
