@@ -80,10 +80,12 @@ def zoo_entry(name: str) -> Any:
 # -- in the fresh process -------------------------------------------------------------------------
 
 
-def _evaluate(engine: Any, zoo_name: str, data: str) -> dict[str, Any]:
-    """The zoo model's metric on its evaluation batches through ``engine``. Batches hold the
-    zoo model's normalised input; they are mapped back to DN and normalised as this bundle's
-    manifest says, so a peer bundle with its own scaling sees the same pixels."""
+def _evaluate(engine: Any, zoo_name: str, data: str, metric_batches: list[int] | None = None,
+              eval_set: str | None = None) -> dict[str, Any]:
+    """The zoo model's metric on its evaluation batches through ``engine`` (only the batches
+    ``metric_batches`` when given). Batches hold the zoo model's normalised input; they are
+    mapped back to DN and normalised as this bundle's manifest says, so a peer bundle with its
+    own scaling sees the same pixels."""
     from onboard.runtime.inference import Predictor
 
     entry = zoo_entry(zoo_name)
@@ -100,14 +102,24 @@ def _evaluate(engine: Any, zoo_name: str, data: str) -> dict[str, Any]:
     z_offset = np.asarray(entry.input_offset, np.float32)[:, None, None]
     scale = np.asarray(spec.scale, np.float32)[:, None, None]
     offset = np.asarray(spec.offset, np.float32)[:, None, None]
+    if metric_batches is not None:
+        batches = [batches[i] for i in metric_batches]
     predictor = Predictor(engine)
     outputs, labels = [], []
     for x, y in batches:
         inputs = [((tile - z_offset) / z_scale) * scale + offset for tile in x]
         outputs.append(np.stack(predictor.run([t.astype(np.float32) for t in inputs])))
         labels.append(y)
-    return {"metric": entry.metric_name, "value": float(entry.metric(outputs, labels)),
-            "eval_set": entry.extra.get("heldout", "the zoo entry's validation split")}
+    result: dict[str, Any] = {
+        "metric": entry.metric_name, "value": float(entry.metric(outputs, labels)),
+        "eval_set": eval_set or entry.extra.get("heldout", "the zoo entry's validation split")}
+    # Human-labelled batches apart: a peer that labelled the rest is compared on these only.
+    human = entry.extra.get("human_batches")
+    if human and metric_batches is None:
+        result["value_human"] = float(entry.metric([outputs[i] for i in human],
+                                                   [labels[i] for i in human]))
+        result["human_set"] = entry.extra.get("human_set", "the human-labelled batches")
+    return result
 
 
 def child_bundle(spec: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +158,8 @@ def child_bundle(spec: dict[str, Any]) -> dict[str, Any]:
     if scale != 1:
         result["output_mpx_s"] = result["mpx_s"] * scale * scale
     if spec.get("zoo") and spec.get("evaluate", True):
-        result.update(_evaluate(engine, spec["zoo"], spec["data"]))
+        result.update(_evaluate(engine, spec["zoo"], spec["data"], spec.get("metric_batches"),
+                                spec.get("eval_set")))
     engine.close()
     result["peak_rss_mb"] = peak_rss_mb()
     return result

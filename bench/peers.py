@@ -115,11 +115,9 @@ def child_csmask(spec: dict[str, Any]) -> dict[str, Any]:
             from onboard.models.cloud.evaluate import predict_csmask, score_scene
 
             ukis = dataset.ukis_scene(Path(spec["data"]))
-            held = slice(0, dataset.UKIS_HELDOUT_ROWS)
-            scores = score_scene(predict_csmask(ukis.image, bands), ukis, held)
+            scores = score_scene(predict_csmask(ukis.image, bands), ukis)
             result.update(metric="boa", value=float(scores["cloud_boa"]),
-                          eval_set="UKIS rows 0-223 (whole 512² scene through CSmask, as "
-                                   "models/cloud/evaluate.py)")
+                          eval_set="the whole UKIS scene (human masks), through CSmask")
         except (OSError, KeyError) as error:
             result.update(metric="n/a", why=f"evaluation data unavailable: {error}")
     result["peak_rss_mb"] = peak_rss_mb()
@@ -169,16 +167,21 @@ def child_change_baseline(spec: dict[str, Any]) -> dict[str, Any]:
             entry = zoo.get(spec["zoo"])
             scale = np.asarray(entry.input_scale, np.float32)[:, None, None]
             offset = np.asarray(entry.input_offset, np.float32)[:, None, None]
-            scores, truth = [], []
+            scores: dict[str, list[np.ndarray]] = {"cosine": [], "rmse": []}
+            truth = []
             for x, y in entry.validation_batches(Path(spec["data"])):
                 n = len(x) // 2
                 for a, b, cells in zip(x[:n], x[n:], np.asarray(y), strict=True):
-                    cos = pixel_baselines((a - offset) / scale, (b - offset) / scale)["cosine"]
+                    both = pixel_baselines((a - offset) / scale, (b - offset) / scale)
                     keep = cells >= 0
-                    scores.append(cos[keep])
+                    for name in scores:
+                        scores[name].append(both[name][keep])
                     truth.append(cells[keep] == 1)
+            positive = np.concatenate(truth)
             result.update(metric="auprc (cosine baseline)",
-                          value=float(auprc(np.concatenate(scores), np.concatenate(truth))))
+                          value=float(auprc(np.concatenate(scores["cosine"]), positive)),
+                          value_rmse=float(auprc(np.concatenate(scores["rmse"]), positive)),
+                          eval_set=entry.extra.get("heldout", "the change zoo entry's set"))
             result.pop("why", None)
         except Exception as error:  # a zoo entry being built right now: say why, go on
             result["why"] = f"baseline not scored on the zoo's batches: {error}"
@@ -195,9 +198,35 @@ def child_bicubic(spec: dict[str, Any]) -> dict[str, Any]:
                               "latency_s": _timed(lambda: resize(x, 2), spec["latency_calls"])}
     result.update(_throughput(lambda: resize(x, 2), spec["throughput_calls"], 128 * 128 / 1e6))
     result["output_mpx_s"] = result["mpx_s"] * 4
-    result.update(metric="n/a", why="bicubic's PSNR is in models/superres/results.md")
+    if spec.get("evaluate", True):
+        result.update(_bicubic_psnr(Path(spec["data"])))
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def _bicubic_psnr(data: Path) -> dict[str, Any]:
+    """Bicubic's PSNR on the super-resolution zoo's held-out scenes, both tasks, as the models
+    are scored (Wald's protocol, peak reflectance 1.0)."""
+    try:
+        from onboard.models import zoo
+        from onboard.models.superres.metrics import resize
+
+        values = {}
+        for task in ("x2", "sharpen"):
+            entry = zoo.get(f"superres-{task}")
+            outputs, truths = [], []
+            for x, y in entry.validation_batches(data):
+                # Sharpening's input is the 10 m bands then the 20 m ones nearest-resampled:
+                # bicubic sees only the 20 m ones, at their own (coarser) sampling.
+                coarse = x[0] if task == "x2" else x[0, 4:, ::2, ::2]
+                outputs.append(resize(coarse, 2)[None])
+                truths.append(y)
+            values[task] = float(entry.metric(outputs, truths))
+    except Exception as error:  # data or zoo missing: say why, go on
+        return {"metric": "n/a", "why": f"bicubic not scored on the zoo's scenes: {error}"}
+    return {"metric": "psnr (×2 task)", "value": values["x2"],
+            "value_sharpen": values["sharpen"],
+            "eval_set": "the super-resolution held-out scenes, both tasks"}
 
 
 def run_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -264,8 +293,12 @@ def plan_rows(bundle_rows: list[dict[str, Any]], threads: list[int], data: Path,
                 continue
             path = ukis_bundle(bands)
             if path is not None:
+                # Scored on the human-labelled scene only: the OSCD gate dates are
+                # labelled by ukis-csmask itself.
                 add(f"ukis-csmask-{bands}b (same engine)", "bundle",
-                    {**calls, "bundle": str(path), "backend": "onnxruntime", "zoo": zoo_name},
+                    {**calls, "bundle": str(path), "backend": "onnxruntime", "zoo": zoo_name,
+                     "metric_batches": [0],
+                     "eval_set": "the whole UKIS scene (human masks)"},
                     task="cloud", backend="onnxruntime", how="its ONNX U-Net, our engine",
                     peer_of=zoo_name, size_kb=round(path.stat().st_size / 1024, 1))
             if not quick:  # seconds per tile: the full run only

@@ -17,9 +17,16 @@ def _f(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+# Second figures some rows carry beside their metric, and how the table names them.
+_SECOND = {"value_human": "on the human-labelled scene", "value_rmse": "RMSE baseline",
+           "value_sharpen": "sharpening task"}
+
+
 def _metric(row: dict[str, Any]) -> str:
     if row.get("metric") and row["metric"] != "n/a" and "value" in row:
-        return f"{row['metric']} {row['value']:.4f}"
+        text = f"{row['metric']} {row['value']:.4f}"
+        extra = [f"{name} {row[key]:.4f}" for key, name in _SECOND.items() if key in row]
+        return text + (f" ({'; '.join(extra)})" if extra else "")
     if row.get("why"):
         return f"n/a ({row['why']})"
     return "–"  # measured in another row of the same engine (the metric is run once)

@@ -163,7 +163,13 @@ def markdown(result: dict[str, Any]) -> str:
              "round). Ratios: this row's Mpx/s over each peer's at the same thread count. "
              "Metric: the zoo model's own, on its held-out evaluation set, through that very "
              "engine. Energy: n/a unless the board exposes RAPL or Jetson rails.", "",
-             report.matrix_markdown(result["matrix"])]
+             report.matrix_markdown(result["matrix"]), "Evaluation sets (every one held out "
+             "whole from training):", ""]
+    sets: dict[str, str] = {}
+    for row in result["matrix"]:
+        if row.get("eval_set"):
+            sets.setdefault(row["model"], row["eval_set"])
+    lines += [f"- {model}: {where}" for model, where in sets.items()] + [""]
     if "end_to_end" in result:
         lines += ["## End to end", "",
                   "`onboard run` on the bundled sample is the whole run (two acquisitions, "

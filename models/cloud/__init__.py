@@ -118,6 +118,9 @@ for _bands in (4, 6):
         card=HERE / "card.md",
         extra={"heldout": "the whole UKIS scene; OSCD hongkong, paris, dubai, milano",
                "gate_scenes": gate_scene_names,
+               # The UKIS batch is the only one a person labelled; ukis-csmask labelled the rest,
+               # so a comparison with it is made on this batch alone.
+               "human_batches": [0], "human_set": "the whole UKIS scene (human masks)",
                # Fully convolutional: gated on 128-pixel tiles, flown on 256 (or whole scenes).
                "dynamic_size": True},
     ))
