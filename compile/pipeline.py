@@ -63,6 +63,8 @@ class CompileOptions:
     latency_repeats: int = 20
     version: str | None = None
     verify: bool = True
+    # Ed25519 private key (NAME.ed25519) that signs the bundle once every check has passed.
+    sign_key: Path | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -88,6 +90,8 @@ class CompileOptions:
             raise CompileError("--threads and --latency-repeats must be >= 1")
         if self.data_root is not None:
             self.data_root = Path(self.data_root)
+        if self.sign_key is not None:
+            self.sign_key = Path(self.sign_key)
 
 
 @dataclass
@@ -342,6 +346,8 @@ def compile_model(zoo: ZooModel, out: Path, options: CompileOptions,
     report_md = out.parent / f"{out.name}.report.md"
     build = import_class(model_class) if model_class else zoo.build
     weights = Path(checkpoint) if checkpoint else Path(zoo.weights)
+    # Read the key before minutes of compiling: a wrong path or a public half fails now.
+    signer = _signing_key(options.sign_key)
     _seed(options.seed)
     torch.set_num_threads(options.threads)
 
@@ -407,6 +413,10 @@ def compile_model(zoo: ZooModel, out: Path, options: CompileOptions,
         _progress(f"writing bundle {out}")
         _write_bundle(out, zoo, options, members, engines, metrics, out_channels,
                       report_in_bundle, notes)
+        if signer is not None:
+            # Signed before the size and runtime checks, so both judge the bundle as it will be
+            # uplinked; a bundle either check refuses is removed, signature and all.
+            report["signature"] = _sign(out, signer)
         size = _dir_size(out)
         report["bundle"] = {"path": str(out), "size_bytes": size, "engines": engines}
         if options.max_size_mb is not None and size > options.max_size_mb * 1e6:
@@ -417,7 +427,7 @@ def compile_model(zoo: ZooModel, out: Path, options: CompileOptions,
             raise SizeBudgetError(f"{out}: {report['error']}; the bundle was not kept "
                                   "(prune more or quantise to int8)")
         if options.verify:
-            verified = _verify(out, options, validation, zoo, engines)
+            verified = _verify(out, options, validation, zoo, engines, signer)
             if verified is not None:
                 report["bundle"]["verified_metric"] = verified
                 tolerance = 1e-3 if options.precision == "fp32" else 5e-3
@@ -612,22 +622,47 @@ def _write_bundle(out: Path, zoo: ZooModel, options: CompileOptions, members: di
     write_bundle(out, manifest, payload)
 
 
-def _verify(out: Path, options: CompileOptions, validation: list[tuple[np.ndarray, np.ndarray]],
-            zoo: ZooModel, engines: dict[str, str]) -> float | None:
-    """The bundle's metric as the flight runtime runs it, or None where that engine is not
-    available here (TensorRT)."""
+def _signing_key(path: Path | None) -> Any:
+    if path is None:
+        return None
+    from onboard.runtime.bundle.signature import load_signing_key
+
+    return load_signing_key(path)
+
+
+def _sign(out: Path, signer: Any) -> dict[str, Any]:
+    """Sign the bundle at ``out`` in place; what the report says about the signature."""
     from onboard.runtime.bundle import Bundle
+    from onboard.runtime.bundle.signature import ALGORITHM, sign_bundle
+
+    _progress(f"signing {out} with key {signer.name} ({signer.key_id})")
+    sign_bundle(out, signer)
+    return {"algorithm": ALGORITHM, "key_name": signer.name, "key_id": signer.key_id,
+            "manifest_sha256": Bundle.open(out).manifest_sha256}
+
+
+def _verify(out: Path, options: CompileOptions, validation: list[tuple[np.ndarray, np.ndarray]],
+            zoo: ZooModel, engines: dict[str, str], signer: Any = None) -> float | None:
+    """The bundle's metric as the flight runtime runs it, or None where that engine is not
+    available here (TensorRT). A signed bundle is opened trusting only its signer's public
+    half, so the signature is checked the way a board checks it."""
+    from onboard.runtime.bundle import Bundle
+    from onboard.runtime.bundle.signature import Keyring, TrustPolicy, verify_bundle
     from onboard.runtime.engines import open_engine
 
     backend = next(iter(engines))
+    trust = None if signer is None else TrustPolicy(Keyring([signer.public]))
     if backend == "tensorrt":
+        if trust is not None:
+            verify_bundle(Bundle.open(out), trust)
         return None
     _progress(f"verifying the bundle with the flight runtime ({backend})")
     bundle = Bundle.open(out)
     # An fp16 IR is checked as the compiler measured it (f32 compute on this CPU); on board the
     # engine asks the device for f16.
     precision = "fp32" if options.precision == "fp16" else options.precision
-    engine = open_engine(bundle, backend, "cpu", threads=options.threads, precision=precision)
+    engine = open_engine(bundle, backend, "cpu", threads=options.threads, precision=precision,
+                         trust=trust)
     try:
         return gate.evaluate(engine.run, validation, zoo.metric)
     finally:
@@ -639,4 +674,10 @@ def _write_reports(report: dict[str, Any], json_path: Path, md_path: Path) -> No
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    md_path.write_text(gate.markdown(report))
+    markdown = gate.markdown(report)
+    signature = report.get("signature")
+    if signature:
+        markdown += (f"\nSigned ({signature['algorithm']}) by key `{signature['key_name']}` "
+                     f"(id {signature['key_id']}), manifest SHA-256 "
+                     f"{signature['manifest_sha256']}\n")
+    md_path.write_text(markdown)

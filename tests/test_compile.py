@@ -601,3 +601,52 @@ def test_gate_set_must_be_large_enough_and_is_named_in_the_manifest() -> None:
     entry.extra.pop("gate_scenes")
     check_gate_set(entry, [tile])  # entries that name no gate scenes are not held to it
     assert gate_extra(entry, {"validation_tiles": 1}) == {}
+
+
+def test_cli_sign_signs_the_bundle_it_writes_and_the_report_names_the_key(
+        tmp_path: Path, validation: list, capsys: pytest.CaptureFixture) -> None:
+    from onboard.runtime.bundle import Bundle
+    from onboard.runtime.bundle.signature import SigningKey, TrustPolicy
+    from onboard.runtime.config import config_from_dict
+    from onboard.runtime.engines import open_engine
+    from onboard.runtime.errors import BundleSignatureError
+
+    key = SigningKey.generate("ground-2027")
+    private, public = key.save(tmp_path / "keys")
+    rc, out = _compile(tmp_path, "--target", "onnxruntime", "--sign", str(private))
+    assert rc == 0
+    printed = capsys.readouterr().out  # the command prints the markdown report
+    assert f"by key `ground-2027` (id {key.key_id})" in printed
+    report = _report(out)
+    assert report["signature"]["key_id"] == key.key_id
+    assert report["signature"]["key_name"] == "ground-2027"
+    bundle = Bundle.open(out)
+    assert report["signature"]["manifest_sha256"] == bundle.manifest_sha256
+    assert report["bundle"]["size_bytes"] == out.stat().st_size  # measured signed
+    # A board whose [signatures] section trusts the key loads it and runs it as compiled ...
+    config = config_from_dict({"signatures": {"trusted_keys": [str(public)]}})
+    policy = TrustPolicy.from_config(config.section("signatures"))
+    engine = open_engine(out, "onnxruntime", threads=1, trust=policy)
+    try:
+        assert engine.signature.status == "verified"
+        assert engine.signature.key_id == key.key_id
+        assert boa([engine.run(x) for x, _ in validation], [y for _, y in validation]) \
+            == pytest.approx(report["bundle"]["verified_metric"])
+    finally:
+        engine.close()
+    # ... one trusting another key (the project's test key) refuses it, naming the signer.
+    test_key = Path(__file__).resolve().parents[1] / "keys" / "onboard-test.ed25519.pub"
+    with pytest.raises(BundleSignatureError, match=key.key_id):
+        open_engine(out, "onnxruntime", threads=1, trust=[test_key])
+
+
+def test_cli_sign_with_a_public_key_fails_before_compiling(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from onboard.runtime.bundle.signature import SigningKey
+
+    _, public = SigningKey.generate("half").save(tmp_path)
+    rc, out = _compile(tmp_path, "--target", "onnxruntime", "--sign", str(public))
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "not an unencrypted PEM private key" in err and "[compile] loading" not in err
+    assert not out.exists() and not (out.parent / f"{out.name}.report.json").exists()

@@ -250,3 +250,52 @@ def test_info_shows_who_signed_a_bundle(capsys):
         capsys.readouterr().out
     assert main(["info", "--json", str(PRIMARY)]) == 0
     assert json.loads(capsys.readouterr().out)["signature"]["key_id"] == TEST_KEY_ID
+
+
+def test_onboard_keys_makes_and_lists_keys_and_marks_the_test_key(tmp_path, capsys):
+    folder = tmp_path / "ground"
+    assert main(["keys", "new", "mission-2027", "--dir", str(folder)]) == 0
+    made = capsys.readouterr().out
+    private, public = folder / "mission-2027.ed25519", folder / "mission-2027.ed25519.pub"
+    assert private.stat().st_mode & 0o077 == 0
+    key_id = load_signing_key(private).key_id
+    assert load_public_key(public).key_id == key_id and f"key id:      {key_id}" in made
+    assert main(["keys", "new", "mission-2027", "--dir", str(folder)]) == 1  # no overwrite
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert load_signing_key(private).key_id == key_id
+
+    assert main(["keys", "list", str(folder), str(REPO / "keys")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 4
+    mine = [r for r in rows if r.startswith("mission-2027")]
+    assert [r.split()[1:3] for r in mine] == [[key_id, "private"], [key_id, "public"]]
+    assert not any("TEST KEY" in r for r in mine)
+    test = [r for r in rows if r.startswith("onboard-test")]
+    assert [r.split()[1:3] for r in test] == [[TEST_KEY_ID, "private"], [TEST_KEY_ID, "public"]]
+    assert all("TEST KEY" in r for r in test)
+
+    # A broken file and halves of two different keys under one name are reported, rc 1.
+    other = SigningKey.generate("mission-2027")
+    (folder / "mission-2027.ed25519.pub").unlink()
+    other.save(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "mission-2027.ed25519.pub", folder)
+    (folder / "broken.ed25519.pub").write_text("not a key")
+    assert main(["keys", "list", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "broken.ed25519.pub: public   NOT A VALID KEY" in out
+    assert "the private and public halves are different keys" in out
+    assert key_id in out and other.key_id in out
+
+
+def test_onboard_keys_new_and_sign_new_key_make_the_same_kind_of_pair(tmp_path, capsys):
+    assert main(["sign", "--new-key", "a", "--dir", str(tmp_path)]) == 0
+    assert main(["keys", "new", "b", "--dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    for name in ("a", "b"):
+        key = load_signing_key(tmp_path / f"{name}.ed25519")
+        signed = sign_bundle(PRIMARY, key, tmp_path / f"{name}.onboard")
+        verdict = verify_bundle(Bundle.open(signed),
+                                TrustPolicy.trusting(tmp_path / f"{name}.ed25519.pub"))
+        assert verdict.key_id == key.key_id
+    assert main(["keys", "list", str(tmp_path / "nowhere")]) == 1
+    assert "no such key file or folder" in capsys.readouterr().err

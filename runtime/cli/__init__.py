@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ground": ("onboard.runtime.cli.ground", "the ground side of the CFDP downlink: receive, "
                "verify, store once, decode telemetry"),
     "sign": ("onboard.runtime.cli.sign", "sign bundles with an Ed25519 key, make keys, check"),
+    "keys": ("onboard.runtime.cli.keys", "make and list Ed25519 bundle-signing keys"),
     "bench": ("onboard.runtime.cli.bench", "engines x precisions x threads with their peers, "
               "end to end, hardware-in-loop"),
     "serve": ("onboard.runtime.cli.serve", "score frames received over TCP (hardware-in-loop)"),

@@ -55,6 +55,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="bundle version (default: the zoo entry's)")
     parser.add_argument("--no-verify", action="store_true",
                         help="do not reopen the bundle with the flight runtime to re-measure it")
+    parser.add_argument("--sign", type=Path, default=None, metavar="KEY",
+                        help="sign the bundle with this Ed25519 private key (NAME.ed25519) once "
+                        "the gate and the checks pass; make one with `onboard keys new`")
 
 
 def require_compile_extra(modules: tuple[str, ...] = COMPILE_MODULES) -> None:
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         finetune_lr=args.finetune_lr, finetune_steps=args.finetune_steps,
         calibration_tiles=args.calibration_tiles, seed=args.seed,
         threads=args.threads, latency_repeats=args.latency_repeats,
-        version=args.bundle_version, verify=not args.no_verify,
+        version=args.bundle_version, verify=not args.no_verify, sign_key=args.sign,
     )
     result = compile_model(resolve_model(args.model), args.out, options,
                            checkpoint=args.checkpoint, model_class=args.model_class)

@@ -1,7 +1,7 @@
 """``onboard sign``: sign bundles on the ground, make key pairs, and show who signed a bundle.
 
     onboard sign BUNDLE... --key KEY.ed25519 [--out SIGNED.onboard]
-    onboard sign --new-key NAME [--dir keys/]
+    onboard sign --new-key NAME [--dir keys/]      (the same as onboard keys new)
     onboard sign --check BUNDLE... [--trust KEY.ed25519.pub ...]
 
 Signing keeps the manifest and every member byte for byte and adds (or replaces) the bundle's
@@ -16,13 +16,13 @@ from pathlib import Path
 from onboard.runtime.bundle import Bundle
 from onboard.runtime.bundle.signature import (
     Keyring,
-    SigningKey,
     TrustPolicy,
     load_signing_key,
     read_signature,
     sign_bundle,
     verify_bundle,
 )
+from onboard.runtime.cli.keys import new_key
 from onboard.runtime.errors import ConfigError
 
 
@@ -63,14 +63,7 @@ def run(args: argparse.Namespace) -> int:
 def _new_key(args: argparse.Namespace) -> int:
     if args.bundles or args.key or args.check:
         raise ConfigError("--new-key makes a key pair; it takes no bundle, --key or --check")
-    key = SigningKey.generate(args.new_key)
-    for existing in (args.dir / f"{key.name}.ed25519", args.dir / f"{key.name}.ed25519.pub"):
-        if existing.exists():
-            raise ConfigError(f"{existing}: exists; refusing to overwrite a key")
-    private, public = key.save(args.dir)
-    print(f"private key: {private} (keep it on the ground; never uplink it)")
-    print(f"public key:  {public} (name it in the board's [signatures] trusted_keys)")
-    print(f"key id:      {key.key_id}")
+    new_key(args.new_key, args.dir)  # the same as `onboard keys new`
     return 0
 
 
