@@ -8,6 +8,15 @@ The inference precision is always set explicitly and read back after compiling: 
 AMX/AVX512-BF16, OpenVINO otherwise runs an fp32 model in bf16 without saying so, which moves
 class scores by far more than the 1e-4 the engines are held to.
 
+With a ``cache_dir`` the compiled model is cached (``CompiledModel.export_model`` /
+``Core.import_model``) in an :class:`~onboard.runtime.engines.cache.EngineCache` entry keyed by
+the bundle hash, the OpenVINO build, the device (its full name), the precision, the threads and
+the batch: compiling for a GPU or NPU takes far longer than importing. The entry is verified
+before it is imported (OpenVINO imports a blob cut short without complaint) and an entry that
+does not import, or imports with other inputs or outputs than the bundle's model, is rebuilt.
+OpenVINO's own ``CACHE_DIR`` is not used: it writes files outside the runtime's atomic-write
+path, and does not check them.
+
 MYRIAD (Neural Compute Stick 2, Myriad X VPU) was dropped after OpenVINO 2022.3 LTS. To fly on
 one, install ``openvino==2022.3.*`` (its Python API lives in ``openvino.runtime``, which this
 engine falls back to); MYRIAD runs fp16 only.
@@ -15,12 +24,15 @@ engine falls back to); MYRIAD runs fp16 only.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import numpy as np
 
 from onboard.runtime.engines.base import Engine
-from onboard.runtime.errors import EngineError, EngineUnavailableError
+from onboard.runtime.engines.cache import EngineCache
+from onboard.runtime.errors import EngineError, EngineUnavailableError, StorageError
 
 _DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "myriad": "MYRIAD", "auto": "AUTO"}
 # onboard precision -> OpenVINO INFERENCE_PRECISION_HINT. int8 models carry their own
@@ -80,11 +92,7 @@ class OpenVinoEngine(Engine):
                               "fp32; refusing rather than letting it pick a lower precision")
         if self.threads and "INFERENCE_NUM_THREADS" in supported:
             config["INFERENCE_NUM_THREADS"] = self.threads
-        try:
-            self._compiled = core.compile_model(model, device, config)
-        except Exception as error:  # OpenVINO raises RuntimeError and its own types
-            raise EngineError(f"{self._where}: OpenVINO cannot compile the model for "
-                              f"{device}: {error}") from error
+        self._compiled = self._compile(ov, core, model, device, config)
         self.inference_precision = self._read_back_precision()
         if "INFERENCE_PRECISION_HINT" in config and self.inference_precision not in (None, hint):
             raise EngineError(f"{self._where}: asked OpenVINO for {hint}, it compiled "
@@ -94,6 +102,72 @@ class OpenVinoEngine(Engine):
         self.model_input_shapes = {
             name: tuple(d.get_length() if d.is_static else None for d in shape)
             for name, shape in partial.items()}
+
+    def _compile(self, ov: Any, core: Any, model: Any, device: str,
+                 config: dict[str, Any]) -> Any:
+        """The compiled model: imported from the engine cache when it holds a verified blob
+        for exactly this build, else compiled (and then stored there)."""
+        self.from_cache = False
+        if self.cache_dir is None:
+            return self._compile_fresh(core, model, device, config)
+        cache = EngineCache(self.cache_dir, self.telemetry)
+        key = self._cache_key(ov, core, model, device, config)
+        blob = cache.load(key)  # None when absent or damaged (reported by the cache)
+        if blob is not None:
+            try:
+                compiled = core.import_model(blob, device, config)
+                _check_ports(compiled, model)
+            except Exception as error:  # a blob this OpenVINO or device cannot use
+                if self.telemetry is not None:
+                    self.telemetry.emit("engine_cache_unusable", path=str(cache.path(key)),
+                                        message=str(error).splitlines()[0][:300])
+            else:
+                self.from_cache = True
+                return compiled
+        compiled = self._compile_fresh(core, model, device, config)
+        try:
+            exported = compiled.export_model()
+        except Exception as error:  # a plugin (AUTO) that cannot export: run uncached
+            if self.telemetry is not None:
+                self.telemetry.emit("engine_cache_unusable", path=str(cache.path(key)),
+                                    message=f"{device} cannot export: {error}"[:300])
+            return compiled
+        # 2025 returns bytes, 2026 an io.BytesIO.
+        data = exported.getvalue() if hasattr(exported, "getvalue") else bytes(exported)
+        try:
+            path = cache.store(key, data)
+        except StorageError as error:  # flash full or read-only: run, uncached, and say so
+            if self.telemetry is not None:
+                self.telemetry.emit("engine_cache_unusable", path=str(cache.path(key)),
+                                    message=str(error))
+            return compiled
+        if self.telemetry is not None:
+            self.telemetry.emit("engine_built", path=str(path), bytes=len(data),
+                                openvino=_version(ov))
+        return compiled
+
+    def _compile_fresh(self, core: Any, model: Any, device: str, config: dict[str, Any]) -> Any:
+        try:
+            return core.compile_model(model, device, config)
+        except Exception as error:  # OpenVINO raises RuntimeError and its own types
+            raise EngineError(f"{self._where}: OpenVINO cannot compile the model for "
+                              f"{device}: {error}") from error
+
+    def _cache_key(self, ov: Any, core: Any, model: Any, device: str,
+                   config: dict[str, Any]) -> str:
+        """What a compiled blob depends on: a blob only imports into the OpenVINO build and
+        the device (model, not only kind) that compiled it, with the same properties and
+        input shapes."""
+        try:
+            full_name = str(core.get_property(device, "FULL_DEVICE_NAME"))
+        except Exception:  # AUTO and some plugins do not name a device
+            full_name = device
+        depends = {"openvino": _version(ov), "device": device, "full_name": full_name,
+                   "config": {k: str(v) for k, v in sorted(config.items())},
+                   "inputs": [str(port.get_partial_shape()) for port in model.inputs]}
+        digest = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()
+        return (f"{self.bundle.sha256[:16]}-openvino-{device}-{self.precision}-"
+                f"b{self.batch_size}-{digest[:16]}")
 
     def _device_name(self, core: Any) -> str:
         wanted = _DEVICES.get(self.device.lower(), self.device)
@@ -149,8 +223,25 @@ class OpenVinoEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "ov_device": self.ov_device,
-                "inference_precision": self.inference_precision}
+                "inference_precision": self.inference_precision, "from_cache": self.from_cache}
 
     def _release(self) -> None:
         self._request = None
         self._compiled = None
+
+
+def _version(ov: Any) -> str:
+    try:
+        return str(ov.get_version())
+    except AttributeError:
+        return str(getattr(ov, "__version__", "unknown"))
+
+
+def _check_ports(compiled: Any, model: Any) -> None:
+    """An imported blob must have the model's inputs and outputs, names and shapes."""
+    def ports(of: Any) -> list[tuple[list[str], str]]:
+        return [(sorted(p.get_names()), str(p.get_partial_shape())) for p in of]
+
+    if ports(compiled.inputs) != ports(model.inputs) or \
+            ports(compiled.outputs) != ports(model.outputs):
+        raise EngineError("the cached blob's inputs or outputs are not the bundle model's")

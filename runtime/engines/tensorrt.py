@@ -7,8 +7,9 @@ refused here with the two versions named instead of letting the runtime fail ins
 
 A bundle with the ONNX model only is built into an engine on the target, once: the plan is
 cached under ``cache_dir`` keyed by bundle hash, GPU, compute capability, TensorRT version,
-precision and maximum batch, with a SHA-256 beside it that is checked before every load (flash
-bit flips hit cached engines too). Dynamic tile sizes are fixed to the manifest's tile size.
+precision and maximum batch, in an :class:`~onboard.runtime.engines.cache.EngineCache` entry
+whose SHA-256 is checked before every load (flash bit flips and killed writes hit cached engines
+too). Dynamic tile sizes are fixed to the manifest's tile size.
 
 Written against TensorRT 8.6/10 Python API (tensor-name API: ``num_io_tensors``,
 ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) and pycuda. The
@@ -17,7 +18,6 @@ Written against TensorRT 8.6/10 Python API (tensor-name API: ``num_io_tensors``,
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -25,9 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from onboard.runtime.durability import write_bytes, write_text
 from onboard.runtime.engines.base import Engine
-from onboard.runtime.errors import EngineError, EngineUnavailableError, EngineVersionError
+from onboard.runtime.engines.cache import EngineCache
+from onboard.runtime.errors import (
+    EngineError,
+    EngineUnavailableError,
+    EngineVersionError,
+    StorageError,
+)
 
 _WORKSPACE_BYTES = 1 << 30
 DEFAULT_CACHE = Path("~/.cache/onboard/engines")
@@ -112,24 +117,23 @@ class TensorRtEngine(Engine):
                               f"an ONNX model to build one from (it has {sorted(engines)})")
         major, minor = gpu.compute_capability()
         gpu_name = re.sub(r"[^A-Za-z0-9]+", "-", gpu.name()).strip("-")
-        cache = Path(self.cache_dir or os.environ.get("ONBOARD_ENGINE_CACHE")
-                     or DEFAULT_CACHE).expanduser()
+        cache_folder = Path(self.cache_dir or os.environ.get("ONBOARD_ENGINE_CACHE")
+                            or DEFAULT_CACHE).expanduser()
         key = (f"{self.bundle.sha256[:16]}-{gpu_name}-sm{major}{minor}-trt{trt.__version__}-"
                f"{self.precision}-b{self.batch_size}")
-        plan_path = cache / f"{key}.engine"
-        digest_path = plan_path.with_suffix(".sha256")
-        if plan_path.is_file() and digest_path.is_file():
-            plan = plan_path.read_bytes()
-            if hashlib.sha256(plan).hexdigest() == digest_path.read_text().strip():
-                self.from_cache = True
-                return plan
-            if self.telemetry is not None:
-                self.telemetry.emit("engine_cache_damaged", path=str(plan_path))
+        cache = EngineCache(cache_folder, self.telemetry)
+        plan = cache.load(key)  # verified against its digest; damage is reported there
+        if plan is not None:
+            self.from_cache = True
+            return plan
         plan = self._build(trt, self.bundle.read(engines["onnxruntime"]))
-        # Plan first, digest second: a crash between them leaves a plan without its digest,
-        # which the next load does not trust and builds again.
-        write_bytes(plan_path, plan)
-        write_text(digest_path, hashlib.sha256(plan).hexdigest() + "\n")
+        try:
+            plan_path = cache.store(key, plan)
+        except StorageError as error:  # flash full or read-only: run, uncached, and say so
+            if self.telemetry is not None:
+                self.telemetry.emit("engine_cache_unusable", path=str(cache.path(key)),
+                                    message=str(error))
+            return plan
         if self.telemetry is not None:
             self.telemetry.emit("engine_built", path=str(plan_path), bytes=len(plan),
                                 tensorrt=trt.__version__)
