@@ -80,9 +80,19 @@ _COLUMNS = ("id, path, nbytes, sha256, priority, window_index, state, attempts, 
             "sent_at, acknowledged_at, meta")
 
 
+class _DamagedRow(ValueError):
+    """A row whose values are not what the schema wrote (a damaged database file)."""
+
+
 def _item(row: tuple[Any, ...]) -> QueueItem:
-    return QueueItem(row[0], Path(row[1]), int(row[2]), row[3], float(row[4]), row[5], row[6],
-                     int(row[7]), float(row[8]), row[9], row[10], json.loads(row[11]))
+    try:
+        meta = json.loads(row[11])
+        if not isinstance(meta, dict):
+            raise TypeError(f"meta is a {type(meta).__name__}")
+        return QueueItem(row[0], Path(row[1]), int(row[2]), row[3], float(row[4]), row[5],
+                         row[6], int(row[7]), float(row[8]), row[9], row[10], meta)
+    except (TypeError, ValueError) as error:
+        raise _DamagedRow(f"a damaged row ({error})") from error
 
 
 class DownlinkQueue:
@@ -100,6 +110,13 @@ class DownlinkQueue:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
         except (OSError, sqlite3.Error) as error:
             raise StorageError(self.path, f"cannot open the downlink queue: {error}") from error
+        try:
+            self._set_up()
+        except BaseException:
+            self._db.close()  # a queue that cannot be opened holds no connection
+            raise
+
+    def _set_up(self) -> None:
         with self._errors("set up"):
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -121,7 +138,9 @@ class DownlinkQueue:
     def _errors(self, doing: str) -> Iterator[None]:
         try:
             yield
-        except sqlite3.Error as error:
+        # A damaged file also shows as text that is not UTF-8 (Python's sqlite3 raises
+        # UnicodeDecodeError decoding such a schema's error message) or as a row of wrong types.
+        except (sqlite3.Error, UnicodeDecodeError, _DamagedRow) as error:
             raise StorageError(self.path, f"downlink queue: cannot {doing}: {error}") from error
 
     @contextlib.contextmanager
