@@ -1,26 +1,32 @@
-"""CFDP Class 2 downlink throughput and goodput: cfdp-py in pure Python, one core per side.
+"""CFDP Class 2 downlink goodput and throughput: cfdp-py in pure Python, one core per side.
 
-    python -m onboard.bench.cfdp [--rounds 3]
+    python -m onboard.bench.cfdp [--rounds 2] [--pass-s 20]
 
-Payload: real products of the bundled sample (the full zstd GeoTIFFs of both dates' 256² crop,
-about 1 MB). Measured per row, median of ``--rounds`` (interleaved, so the shared machine's noise
-falls on all rows alike):
+Everything runs over UDP loopback into ``onboard ground`` in its own process, with 5 % of the
+file-data PDUs lost and 10 % of all PDUs reordered (held back behind up to 8 others). Payloads
+are real products of the bundled sample: the 16 GeoTIFFs of its 128² tiles (full and
+near-lossless, both dates) and the full 256² crops, about 120 KB to 490 KB each. The *sample*
+payload is the two 256² crops (978 KB, what the last bench sent); a *pass* payload is those
+products, each under its own id, until a pass of ``--pass-s`` seconds at the cap is filled, as
+a pass that plans for the link's capacity sends it.
 
-- **throughput**: product MB/s from the first PDU to the Finished PDU, with 1 KiB and 4 KiB PDUs,
-  over the in-process link (flight and ground in one process: one core for both) and over UDP
-  loopback (``onboard ground`` in its own process), at 0 %, 5 % and 20 % file-data PDU loss
-  with 10 % reordering;
-- **goodput** at 1, 10 and 100 Mbit/s caps with 5 % loss over UDP: the share of the link's
-  capacity (cap x time) that carried product bytes, and the share of the octets sent that were
-  product bytes (the protocol's overhead: space packet and PDU headers, retransmissions).
+- **levers** at 10 Mbit/s: from the last bench's protocol (immediate NAKs, one transaction at
+  a time, the sample payload) one change at a time: NAKs deferred to the EOF, transactions
+  overlapped (a window of 8), the pass payload, 8 KiB PDUs;
+- **caps** 1, 10 and 100 Mbit/s with the final protocol and pass payloads (at most 40 MB);
+- **one core**: no cap, each PDU size, 10 MB: what the flight side sustains, and its CPU time.
 
-Results: ``bench/results/cfdp.md`` and ``cfdp.json``.
+Goodput of capacity is product bits over cap x seconds, from the first PDU to the last
+Finished; product / wire is product octets over every octet the flight side put on the link
+(space packets, PDU headers, Metadata, EOF, ACKs, retransmissions). Medians of ``--rounds``
+interleaved rounds. Results: ``bench/results/cfdp.md`` and ``cfdp.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -33,147 +39,195 @@ from pathlib import Path
 from typing import Any
 
 from onboard.bench.measure import RESULTS
-from onboard.runtime.downlink.cfdp import CfdpLinkConfig, CfdpTransmitter, UdpLink, open_transmitter
-from onboard.runtime.downlink.products import ProductMaker
+from onboard.runtime.downlink.cfdp import CfdpLinkConfig, CfdpTransmitter, UdpLink
+from onboard.runtime.downlink.products import ProductMaker, product_id
 from onboard.runtime.sources.oscd import open_scene
 from onboard.runtime.windows import Window
 
 SAMPLE = Path(__file__).resolve().parents[1] / "runtime" / "sample" / "hongkong"
 TIMERS = dict(ack_timeout_s=0.2, nak_timeout_s=0.2, ack_limit=8, nak_limit=64,
               transaction_timeout_s=120.0, inactivity_s=10.0)
+LOSS = dict(drop_rate=0.05, reorder_rate=0.10)
+PASS_CAP_BYTES = 40_000_000
 
 
-def payload(folder: Path, size: int = 256) -> list[Path]:
+def products(folder: Path) -> tuple[list[tuple[str, Path, str]], list[tuple[str, Path, str]]]:
+    """(the sample payload, every product of the pool): (id, path, sha256)."""
     maker = ProductMaker()
-    paths = []
+    folder.mkdir(parents=True, exist_ok=True)
+    sample, pool = [], []
     for date in ("imgs_1", "imgs_2"):
-        frame = open_scene(SAMPLE / date).read(Window(0, 0, size, size))
-        paths.append(maker.make("full", frame).write(folder / f"{date}-{size}-full.tif"))
-    return paths
+        scene = open_scene(SAMPLE / date)
+        tiles = [(0, 0, 256, "full")] + [(r, c, 128, k) for r in (0, 128) for c in (0, 128)
+                                          for k in ("full", "near_lossless")]
+        for row, col, size, kind in tiles:
+            product = maker.make(kind, scene.read(Window(row, col, size, size)))
+            path = folder / f"{date}-{row}_{col}-{size}-{kind}{product.suffix}"
+            product.write(path)
+            entry = (product_id(f"hongkong-{date}/{row}_{col}_{size}", kind), path,
+                     hashlib.sha256(path.read_bytes()).hexdigest())
+            pool.append(entry)
+            if size == 256:
+                sample.append(entry)
+    return sample, pool
 
 
-def _send_all(transmitter: CfdpTransmitter, files: list[Path], tag: str) -> dict[str, Any]:
-    link = transmitter.link
-    down0, file0 = link.down.bytes, link.down.file_data_bytes
-    started = time.perf_counter()
-    ok = all(transmitter.send(f"{tag}/{path.name}", path,
-                              hashlib.sha256(path.read_bytes()).hexdigest()) for path in files)
-    seconds = time.perf_counter() - started
-    product = sum(p.stat().st_size for p in files)
-    wire = link.down.bytes - down0
-    return {"ok": ok, "seconds": seconds, "product_bytes": product, "wire_bytes": wire,
-            "file_data_bytes": link.down.file_data_bytes - file0,
-            "mb_s": product / seconds / 1e6}
-
-
-def run_inprocess(files: list[Path], pdu: int, drop: float, work: Path, tag: str
-                  ) -> dict[str, Any]:
-    config = CfdpLinkConfig(pdu_size=pdu, drop_rate=drop, reorder_rate=0.1 if drop else 0.0,
-                            seed=pdu, **TIMERS)
-    return _send_all(open_transmitter(config, work / tag), files, tag)
+def pass_payload(pool: list[tuple[str, Path, str]], nbytes: int, tag: str
+                 ) -> list[tuple[str, Path, str]]:
+    out, total = [], 0
+    for n, (item_id, path, sha) in enumerate(itertools.cycle(pool)):
+        if total >= nbytes:
+            break
+        out.append((f"{tag}/{n}/{item_id}", path, sha))
+        total += path.stat().st_size
+    return out
 
 
 class Ground:
     """``onboard ground`` in its own process on a free loopback port."""
 
-    def __init__(self, folder: Path, pdu: int) -> None:
+    def __init__(self, folder: Path, pdu: int, immediate_nak: bool) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         toml = folder / "ground.toml"
         toml.write_text("[cfdp]\n" + "".join(f"{k} = {v}\n" for k, v in TIMERS.items())
-                        + f"pdu_size = {pdu}\n")
+                        + f"pdu_size = {pdu}\nimmediate_nak = {str(immediate_nak).lower()}\n")
         self.process = subprocess.Popen(
             [sys.executable, "-c", "import sys; from onboard.runtime.cli import main; "
                                    "sys.exit(main())", "ground", "--listen", "127.0.0.1:0",
-             "--out", str(folder / "ground"), "--config", str(toml), "--duration", "900"],
+             "--out", str(folder / "ground"), "--config", str(toml), "--duration", "3600"],
             stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
         self.port = int(self.process.stdout.readline().split()[1].rsplit(":", 1)[1])
 
     def stop(self) -> dict[str, Any]:
         self.process.send_signal(signal.SIGTERM)
-        out, _ = self.process.communicate(timeout=60)
+        out, _ = self.process.communicate(timeout=120)
         return json.loads(out.strip().splitlines()[-1])
 
 
-def run_udp(files: list[Path], pdu: int, drop: float, port: int, state: Path, tag: str,
-            bitrate: float | None = None) -> dict[str, Any]:
-    config = CfdpLinkConfig(transport="udp", port=port, pdu_size=pdu, drop_rate=drop,
-                            reorder_rate=0.1 if drop else 0.0, seed=pdu, bitrate_bps=bitrate,
-                            **TIMERS)
+def run(items: list[tuple[str, Path, str]], port: int, state: Path, *, pdu: int,
+        window: int, immediate_nak: bool, bitrate: float | None) -> dict[str, Any]:
+    config = CfdpLinkConfig(transport="udp", port=port, pdu_size=pdu, window=window,
+                            immediate_nak=immediate_nak, bitrate_bps=bitrate, seed=pdu,
+                            **LOSS, **TIMERS)
     state.mkdir(parents=True, exist_ok=True)
     link = UdpLink(config)
+    transmitter = CfdpTransmitter(config, link, state)
+    pending = iter(items)
+    cpu0 = time.process_time()
+    started = time.perf_counter()
     try:
-        result = _send_all(CfdpTransmitter(config, link, state), files, tag)
+        results = list(transmitter.transfer_many(lambda: next(pending, None)))
     finally:
         link.close()
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu0
+    product = sum(path.stat().st_size for _, path, _ in items)
+    out: dict[str, Any] = {
+        "ok": len(results) == len(items) and all(r.acknowledged for r in results),
+        "products": len(items), "seconds": seconds, "cpu_s": cpu,
+        "product_bytes": product, "wire_bytes": link.down.bytes, "up_bytes": link.up.bytes,
+        "file_data_bytes": link.down.file_data_bytes, "dropped": link.down.dropped,
+        "mb_s": product / seconds / 1e6, "product_share_of_wire": product / link.down.bytes,
+        # File data sent beyond the product itself, and the part of it the loss forced (each
+        # lost PDU sent once more, and so on: 1 / (1 - loss) - 1).
+        "resent_share": link.down.file_data_bytes / product - 1,
+        "eof_resent": transmitter.eof_resent}
     if bitrate:
-        result["goodput_of_capacity"] = result["product_bytes"] * 8 / (
-            bitrate * result["seconds"])
-    result["product_share_of_wire"] = result["product_bytes"] / result["wire_bytes"]
-    return result
+        out["goodput_of_capacity"] = product * 8 / (bitrate * seconds)
+        out["link_busy"] = link.down.bytes * 8 / (bitrate * seconds)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--pass-s", type=float, default=20.0)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="onboard-cfdp-bench-"))
-    files = payload(work / "products")
-    small = payload(work / "small", 128)  # for the 1 Mbit/s cap: a pass of a few seconds
-    rows: dict[str, list[dict[str, Any]]] = {}
-    grounds = {pdu: Ground(work / f"udp{pdu}", pdu) for pdu in (1024, 4096)}
+    sample, pool = products(work / "products")
+    configs = {(pdu, imm) for pdu in (1024, 4096, 8192, 16384) for imm in (False,)}
+    configs.add((4096, True))
+    grounds = {key: Ground(work / f"ground-{key[0]}-{key[1]}", *key) for key in configs}
+    final = dict(window=8, immediate_nak=False)
+
+    def cases(round_: int) -> list[tuple[str, str, list[tuple[str, Path, str]], dict[str, Any]]]:
+        tag = f"r{round_}"
+        pass10 = pass_payload(pool, int(10e6 * args.pass_s / 8), f"{tag}-pass10")
+        out = [
+            ("levers", "immediate NAKs, 1 in flight, sample payload (last bench)", sample,
+             dict(pdu=4096, window=1, immediate_nak=True, bitrate=10e6)),
+            ("levers", "+ NAKs deferred to the EOF", sample,
+             dict(pdu=4096, window=1, immediate_nak=False, bitrate=10e6)),
+            ("levers", "+ 8 transactions in flight", sample,
+             dict(pdu=4096, **final, bitrate=10e6)),
+            ("levers", f"+ a {args.pass_s:g} s pass payload", pass10,
+             dict(pdu=4096, **final, bitrate=10e6)),
+            ("levers", "+ 8 KiB PDUs", pass10, dict(pdu=8192, **final, bitrate=10e6)),
+        ]
+        for cap in (1e6, 100e6):
+            items = pass_payload(pool, min(int(cap * args.pass_s / 8), PASS_CAP_BYTES),
+                                 f"{tag}-cap{int(cap)}")
+            out.append(("caps", f"{cap / 1e6:g} Mbit/s", items,
+                        dict(pdu=4096 if cap < 100e6 else 16384, **final, bitrate=cap)))
+        core = pass_payload(pool, 10_000_000, f"{tag}-core")
+        for pdu in (1024, 4096, 8192, 16384):
+            out.append(("one core", f"no cap, {pdu} B PDUs", core,
+                        dict(pdu=pdu, **final, bitrate=None)))
+        return out
+
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    params: dict[tuple[str, str], dict[str, Any]] = {}
     try:
         for round_ in range(args.rounds):
-            for pdu in (1024, 4096):
-                for drop in (0.0, 0.05, 0.20):
-                    tag = f"r{round_}-{pdu}-{drop}"
-                    rows.setdefault(f"in-process|{pdu}|{drop}|-", []).append(
-                        run_inprocess(files, pdu, drop, work, tag))
-                    rows.setdefault(f"udp|{pdu}|{drop}|-", []).append(
-                        run_udp(files, pdu, drop, grounds[pdu].port, work / "flight" / tag,
-                                tag))
-            for cap in (1e6, 10e6, 100e6):
-                pdu = 1024 if cap <= 1e6 else 4096
-                tag = f"r{round_}-cap{int(cap)}"
-                rows.setdefault(f"udp|{pdu}|0.05|{int(cap / 1e6)}", []).append(
-                    run_udp(small if cap <= 1e6 else files, pdu, 0.05, grounds[pdu].port,
-                            work / "flight" / tag, tag, bitrate=cap))
+            for section, name, items, p in cases(round_):
+                ground = grounds[(p["pdu"], p["immediate_nak"])]
+                result = run(items, ground.port, work / "flight" / f"{round_}-{section}-{name}",
+                             **p)
+                print(section, name, json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                 for k, v in result.items()}), flush=True)
+                rows.setdefault((section, name), []).append(result)
+                params[(section, name)] = p
     finally:
-        ground_summaries = {pdu: g.stop() for pdu, g in grounds.items()}
+        ground_summaries = {f"{k[0]}-{'immediate' if k[1] else 'deferred'}": g.stop()
+                            for k, g in grounds.items()}
     table = []
-    for key, runs in rows.items():
-        link, pdu, drop, cap = key.split("|")
-        assert all(r["ok"] for r in runs), f"{key}: a transfer was not acknowledged"
-        row: dict[str, Any] = {"link": link, "pdu": int(pdu), "drop": float(drop), "cap_mbit_s":
-                               None if cap == "-" else int(cap), "rounds": len(runs)}
-        for field in ("mb_s", "seconds", "wire_bytes", "goodput_of_capacity",
-                      "product_share_of_wire"):
-            values = [r[field] for r in runs if field in r]
+    for (section, name), runs in rows.items():
+        assert all(r["ok"] for r in runs), f"{section} {name}: a transfer was not acknowledged"
+        row: dict[str, Any] = {"section": section, "case": name, "rounds": len(runs),
+                               **params[(section, name)],
+                               "products": runs[0]["products"],
+                               "product_bytes": runs[0]["product_bytes"]}
+        for key in ("mb_s", "seconds", "cpu_s", "goodput_of_capacity", "link_busy",
+                    "product_share_of_wire", "resent_share", "wire_bytes", "eof_resent"):
+            values = [r[key] for r in runs if key in r]
             if values:
-                row[field] = statistics.median(values)
-        row["product_bytes"] = runs[0]["product_bytes"]
+                row[key] = statistics.median(values)
         table.append(row)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cfdp.json").write_text(json.dumps({"rows": table, "ground": ground_summaries},
-                                                  indent=2) + "\n")
+    (RESULTS / "cfdp.json").write_text(json.dumps(
+        {"rows": table, "ground": ground_summaries, "pass_s": args.pass_s,
+         "rounds": args.rounds, "load_average": os.getloadavg()[0]}, indent=2) + "\n")
     lines = ["# CFDP Class 2 downlink (cfdp-py 0.7.0, pure Python)", "",
-             f"`python -m onboard.bench.cfdp --rounds {args.rounds}` on this machine (2 shared "
-             "cores); payload: the two full zstd GeoTIFFs of the sample's 256² crop "
-             f"({table[0]['product_bytes']} B; 128² ones at 1 Mbit/s). Medians of "
-             f"{args.rounds} interleaved rounds. Loss is of file-data PDUs; with loss, 10 % of "
-             "PDUs are also reordered. Every transfer ended in a Finished NO_ERROR and the "
-             "ground's SHA-256 check.", "",
-             f"Load average when the run ended: {os.getloadavg()[0]:.1f} on 2 cores (other "
-             "sessions' work: the figures are lower bounds).", "",
-             "| link | PDU | loss | cap Mbit/s | MB/s | s | product / wire octets | "
-             "goodput of capacity |", "|---|---|---|---|---|---|---|---|"]
+             f"`python -m onboard.bench.cfdp --rounds {args.rounds} --pass-s {args.pass_s:g}` "
+             "on this machine (2 shared cores), UDP loopback into `onboard ground` in its own "
+             "process; 5 % of file-data PDUs lost, 10 % of PDUs reordered; ACK and NAK timers "
+             "0.2 s. Medians of interleaved rounds. Every transfer ended in a Finished NO_ERROR "
+             "and the ground's SHA-256 check.", "",
+             f"Load average when the run ended: {os.getloadavg()[0]:.1f} on 2 cores.", "",
+             "| section | case | PDU | products | MB | s | MB/s | flight CPU s | "
+             "file data resent | product / wire | link busy | goodput of capacity |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
     for row in table:
-        cap = "-" if row["cap_mbit_s"] is None else str(row["cap_mbit_s"])
-        goodput = row.get("goodput_of_capacity")
-        share = row.get("product_share_of_wire")
-        lines.append(f"| {row['link']} | {row['pdu']} | {row['drop']:.0%} | {cap} | "
-                     f"{row['mb_s']:.2f} | {row['seconds']:.2f} | "
-                     f"{'-' if share is None else f'{share:.1%}'} | "
-                     f"{'-' if goodput is None else f'{goodput:.1%}'} |")
+        lines.append(f"| {row['section']} | {row['case']} | {row['pdu']} | {row['products']} | "
+                     f"{row['product_bytes'] / 1e6:.1f} | {row['seconds']:.2f} | "
+                     f"{row['mb_s']:.2f} | {row['cpu_s']:.2f} | {pct(row['resent_share'])} | "
+                     f"{pct(row['product_share_of_wire'])} | {pct(row.get('link_busy'))} | "
+                     f"{pct(row.get('goodput_of_capacity'))} |")
     (RESULTS / "cfdp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -119,8 +119,15 @@ def test_products_arrive_bit_identical_over_a_lossy_reordering_link(
     with DownlinkQueue(tmp_path / "queue.sqlite") as queue:
         enqueue(queue, products)
         report = drain(queue, transmitter, 10**9)
-        assert report.acknowledged == [i.id for i in sorted(
-            queue.items(), key=lambda i: -i.priority)]
+        in_order = [i.id for i in sorted(queue.items(), key=lambda i: -i.priority)]
+        assert sorted(report.acknowledged) == sorted(in_order)
+        # Transactions overlap, so they end in any order; they start in the queue's (their
+        # sequence numbers are drawn at the start).
+        started = {r.item_id: r.transaction[1] for r in transmitter.results}
+        assert [started[i] for i in in_order] == sorted(started.values())
+        assert report.acknowledged_bytes == report.sent_bytes == sum(
+            p.stat().st_size for _, p in products)
+        assert report.link_bytes == link.down.bytes
         assert queue.counts() == {"queued": 0, "sending": 0, "acknowledged": len(products)}
     assert_ground_has_exactly(tmp_path / "ground", products)
     product_bytes = sum(p.stat().st_size for _, p in products)
@@ -285,7 +292,11 @@ def test_the_end_of_a_pass_cuts_a_transfer_and_the_next_pass_sends_it_again(
         transmitter.start_pass(int(first * 1.05 + some[1][1].stat().st_size / 2))
         report = drain(queue, transmitter, 10**9)
         assert report.acknowledged == [some[0][0]]
-        assert set(report.not_acknowledged) == {some[1][0], some[2][0]}
+        # The second was cut mid-file; the third never started (still queued, nothing spent).
+        assert report.not_acknowledged == [some[1][0]]
+        assert report.sent_bytes == first + some[1][1].stat().st_size
+        assert report.acknowledged_bytes == first
+        assert queue.get(some[2][0]).state == "queued"
         assert transmitter.results[1].reason == "pass over"
         transmitter.start_pass(None)
         assert set(drain(queue, transmitter, 10**9).acknowledged) == {some[1][0], some[2][0]}

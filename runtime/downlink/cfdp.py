@@ -41,6 +41,15 @@ Work-arounds for cfdp-py 0.7.0, each where it is needed below:
 5. *An EOF that arrives before a lost Metadata PDU is forgotten once the Metadata is sent again*
    (found here: the handler goes back to receiving file data with the EOF behind it and waits
    for ever): the ground hands that EOF to the handler again.
+6. *While the Metadata PDU is missing, every file-data PDU adds an overlapping gap ``(0, n)``
+   that is never merged* (found here, with deferred NAKs: each NAK round asks for the file once
+   per PDU received, a storm of retransmissions): the ground merges the gap list.
+
+Protocol choices (measured in ``bench/cfdp.py``): NAKs are deferred to the EOF (``immediate_nak =
+false``: with immediate NAKs every reordered PDU was NAKed and sent twice), the ground holds an
+EOF that comes with gaps for ``eof_grace_s`` so PDUs reordered behind it are not NAKed, and up to
+``window`` transactions overlap (the next product's file data goes out while the previous ones
+wait for their NAKs and Finished), so the link does not idle between products.
 """
 
 from __future__ import annotations
@@ -53,8 +62,9 @@ import secrets
 import select
 import socket
 import time
+import zlib
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -113,6 +123,7 @@ from onboard.runtime.downlink.packets import (
     space_packet,
     split_packet,
 )
+from onboard.runtime.downlink.stac import GroundCatalogue, item_sha256
 from onboard.runtime.durability import atomic_path, write_json, write_text
 from onboard.runtime.errors import ConfigError, StorageError
 from onboard.runtime.telemetry import Telemetry
@@ -160,6 +171,13 @@ class CfdpLinkConfig:
     nak_limit: int = 32
     transaction_timeout_s: float = 120.0
     inactivity_s: float = 60.0  # the ground gives up a transaction it has not heard of this long
+    window: int = 8  # transactions in flight at once (one product's file data at a time)
+    # The ground NAKs a gap as soon as it sees one (True), or once the EOF came (False: a
+    # reordered PDU fills its gap before anything is NAKed, so reordering costs nothing).
+    immediate_nak: bool = False
+    # The ground holds an EOF that comes while its file still has gaps this long (or until they
+    # fill), so PDUs reordered behind the EOF arrive before the gaps are NAKed.
+    eof_grace_s: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("drop_rate", "directive_drop_rate", "reorder_rate", "duplicate_rate",
@@ -186,10 +204,13 @@ class CfdpLinkConfig:
         if self.pass_budget_bytes is not None and self.pass_budget_bytes <= 0:
             raise ConfigError(f"cfdp pass_budget_bytes must be positive, got "
                               f"{self.pass_budget_bytes}")
+        if not 0.0 <= self.eof_grace_s < self.ack_timeout_s:
+            raise ConfigError(f"cfdp eof_grace_s must be in [0, ack_timeout_s), got "
+                              f"{self.eof_grace_s}")
         for name in ("ack_timeout_s", "nak_timeout_s", "transaction_timeout_s", "inactivity_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"cfdp {name} must be positive, got {getattr(self, name)}")
-        for name in ("ack_limit", "nak_limit", "reorder_depth"):
+        for name in ("ack_limit", "nak_limit", "reorder_depth", "window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cfdp {name} must be at least 1, got {getattr(self, name)}")
 
@@ -210,7 +231,7 @@ class CfdpLinkConfig:
             crc_type=_CHECKSUMS[self.checksum],
             positive_ack_timer_interval_seconds=self.ack_timeout_s,
             positive_ack_timer_expiration_limit=ack_limit or self.ack_limit,
-            immediate_nak_mode=True, nak_timer_interval_seconds=self.nak_timeout_s,
+            immediate_nak_mode=self.immediate_nak, nak_timer_interval_seconds=self.nak_timeout_s,
             nak_timer_expiration_limit=self.nak_limit)
 
 
@@ -228,29 +249,64 @@ _UNDECODABLE = (InvalidCrcError, ValueError, IndexError, KeyError)
 
 _TAG_ID = b"onboard:id:"
 _TAG_SHA = b"onboard:sha256:"
+_TAG_ITEM = b"onboard:item:"  # a slice of the zlib-compressed STAC Item JSON
 _TLV_MAX = 255  # the length octet of a TLV
 
 
-def _tags(item_id: str, sha256: str) -> list[MessageToUserTlv]:
-    """Message-to-User TLVs naming the product (split over several when the id is long)."""
-    raw = item_id.encode("utf-8")
-    room = _TLV_MAX - len(_TAG_ID)
+def _split_tlvs(tag: bytes, raw: bytes) -> list[MessageToUserTlv]:
+    room = _TLV_MAX - len(tag)
     chunks = [raw[i:i + room] for i in range(0, len(raw), room)] or [b""]
-    return [MessageToUserTlv(_TAG_SHA + sha256.encode("ascii"))] + [
-        MessageToUserTlv(_TAG_ID + chunk) for chunk in chunks]
+    return [MessageToUserTlv(tag + chunk) for chunk in chunks]
 
 
-def _read_tags(messages: list[MessageToUserTlv] | None) -> tuple[str | None, str | None]:
+def _tags(item_id: str, sha256: str, item: bytes | None = None, *, room: int | None = None
+          ) -> list[MessageToUserTlv] | None:
+    """Message-to-User TLVs naming the product and carrying its compressed STAC Item, split
+    over as many as they need (a TLV holds 255 octets); None when they take more than ``room``
+    octets (the Metadata PDU must fit one PDU)."""
+    messages = [MessageToUserTlv(_TAG_SHA + sha256.encode("ascii")),
+                *_split_tlvs(_TAG_ID, item_id.encode("utf-8"))]
+    if item is not None:
+        messages += _split_tlvs(_TAG_ITEM, item)
+    if room is not None and sum(2 + len(m.value) for m in messages) > room:
+        return None
+    return messages
+
+
+@dataclass(frozen=True)
+class _Tags:
+    item_id: str | None
+    sha256: str | None
+    item: dict[str, Any] | None  # the STAC Item, when one came and it decoded
+    item_broken: bool = False  # Item slices came that do not decode
+
+    @property
+    def product(self) -> tuple[str | None, str | None]:
+        return self.item_id, self.sha256
+
+
+def _read_tags(messages: list[MessageToUserTlv] | None) -> _Tags:
     pieces: list[bytes] = []
+    item_pieces: list[bytes] = []
     sha = None
     for message in messages or []:
         value = bytes(message.value)
         if value.startswith(_TAG_ID):
             pieces.append(value[len(_TAG_ID):])
+        elif value.startswith(_TAG_ITEM):
+            item_pieces.append(value[len(_TAG_ITEM):])
         elif value.startswith(_TAG_SHA):
             sha = value[len(_TAG_SHA):].decode("ascii", "replace")
     item_id = b"".join(pieces).decode("utf-8", "replace") if pieces else None
-    return item_id, sha
+    item = None
+    if item_pieces:
+        try:
+            item = json.loads(zlib.decompress(b"".join(item_pieces)).decode("utf-8"))
+        except (zlib.error, UnicodeDecodeError, ValueError):
+            item = None
+        if not isinstance(item, dict):
+            return _Tags(item_id, sha, None, True)
+    return _Tags(item_id, sha, item)
 
 
 def _key(pdu: Any) -> tuple[int, int]:
@@ -719,13 +775,49 @@ class TransferResult:
     condition: str | None = None
     delivery: str | None = None
     faults: list[str] = field(default_factory=list)
+    error: str | None = None  # the product could not be read: nothing was sent
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
+_WAITING = (SourceStep.WAITING_FOR_EOF_ACK, SourceStep.WAITING_FOR_FINISHED)
+_FILE_PHASE = (SourceStep.TRANSACTION_START, SourceStep.SENDING_METADATA,
+               SourceStep.SENDING_FILE_DATA, SourceStep.SENDING_EOF)
+
+
+class _Slot:
+    """One source handler and the transaction it carries (a handler holds one at a time)."""
+
+    def __init__(self, transmitter: CfdpTransmitter) -> None:
+        config = transmitter.config
+        self.faults = _Faults()
+        self.user = _SourceUser()
+        self.source = SourceHandler(
+            LocalEntityConfig(config.flight_id, _INDICATIONS, self.faults), self.user,
+            RemoteEntityConfigTable([config.remote(config.ground_id)]),
+            _Timers(config.ack_timeout_s), transmitter.seq)
+        self.begin("", 0, 0.0)
+
+    def begin(self, item_id: str, nbytes: int, deadline: float) -> None:
+        self.item_id = item_id
+        self.nbytes = nbytes
+        self.started = self.heard = self.polled = time.monotonic()
+        self.deadline = deadline
+        self.key: tuple[int, int] | None = None
+        self.held_finished: Any = None
+        self.last_eof: bytes | None = None
+        self.user.finished = None
+        self.faults.faults = []
+
+    @property
+    def in_file_phase(self) -> bool:
+        return self.source.state != CfdpState.IDLE and self.source.step in _FILE_PHASE
+
+
 class CfdpTransmitter:
-    """A :class:`~.link.Transmitter` over CFDP Class 2: one transaction per product."""
+    """A :class:`~.link.Transmitter` over CFDP Class 2: one transaction per product, up to
+    ``config.window`` of them in flight (:meth:`transfer_many`)."""
 
     def __init__(self, config: CfdpLinkConfig, link: FlightLink, state_dir: str | Path,
                  telemetry: Telemetry | None = None) -> None:
@@ -733,13 +825,9 @@ class CfdpTransmitter:
         self.link = link
         self.telemetry = telemetry
         state = Path(state_dir)
-        self.faults = _Faults()
-        self.user = _SourceUser()
         self.seq = _DurableSeqCount(state / "cfdp-seq.json")
-        self.source = SourceHandler(
-            LocalEntityConfig(config.flight_id, _INDICATIONS, self.faults), self.user,
-            RemoteEntityConfigTable([config.remote(config.ground_id)]),
-            _Timers(config.ack_timeout_s), self.seq)
+        # One source handler per transaction in flight: a cfdp-py handler carries one at a time.
+        self._slots = [_Slot(self) for _ in range(config.window)]
         self.framer = _Framer(CFDP_DOWN_APID, PacketType.TM)
         self.packer = TelemetryPacker(max_packet=config.pdu_size)
         # Transactions finished here, for answering a Finished the ground repeats because our
@@ -750,7 +838,7 @@ class CfdpTransmitter:
         self.undecodable = 0
         self.finished_reacked = 0
         self.eof_resent = 0
-        self._last_eof: bytes | None = None
+        self.items_too_big = 0  # STAC Items left out of a Metadata PDU they would not fit
 
     def send(self, item_id: str, path: Path, sha256: str) -> bool:
         return self.transfer(item_id, path, sha256).acknowledged
@@ -758,132 +846,232 @@ class CfdpTransmitter:
     def start_pass(self, budget_bytes: int | None) -> None:
         self.link.start_pass(budget_bytes)
 
+    def end_pass(self) -> None:
+        """After a drain: an in-process ground writes its catalogue and telemetry."""
+        ground = getattr(self.link, "ground", None)
+        if isinstance(ground, GroundStation):
+            ground.flush()
+
+    @property
+    def link_bytes(self) -> int:
+        """Octets put on the downlink so far (CFDP and telemetry packets, before loss)."""
+        return self.link.down.bytes
+
     def transfer(self, item_id: str, path: str | Path, sha256: str) -> TransferResult:
-        path = Path(path)
+        """One product, alone on the link."""
+        items = iter([(item_id, Path(path), sha256)])
+        results = list(self.transfer_many(lambda: next(items, None)))
+        if results[0].error is not None:
+            raise StorageError(Path(path), results[0].error)
+        return results[0]
+
+    def transfer_many(self, pull: Callable[[], tuple[str, Path, str] | None]
+                      ) -> Iterator[TransferResult]:
+        """Send what ``pull()`` hands out (``(id, path, sha256)``, None when there is no more),
+        a transaction per product; yield each result as its transaction ends.
+
+        Transactions overlap: the next product's Metadata goes out as soon as every transaction
+        in flight has sent its EOF, so the link carries one product's file data at a time, in
+        the order ``pull`` gives, while the others wait for their ACK(EOF), NAKs and Finished
+        (up to ``config.window`` in flight). Retransmissions go out as the NAKs come, ahead of
+        new file data. ``pull`` is called only when a transaction can start, so the caller
+        decides on what is left of its budget at that moment. A product that cannot be read is
+        a result with ``error`` set (the link goes on)."""
+        active: list[_Slot] = []
+        free = list(self._slots)
+        exhausted = False
+        while True:
+            if not exhausted and free and not any(s.in_file_phase for s in active):
+                item = pull()
+                if item is None:
+                    exhausted = True
+                else:
+                    slot = free.pop(0)
+                    failed = self._begin(slot, *item, ahead=sum(s.nbytes for s in active))
+                    if failed is not None:
+                        free.insert(0, slot)
+                        yield failed
+                        continue
+                    active.append(slot)
+            if not active:
+                if exhausted:
+                    return
+                continue
+            cut = not self._advance(active)
+            for slot in list(active):
+                done = cut or slot.source.state == CfdpState.IDLE
+                reason = "pass over" if cut and slot.source.state != CfdpState.IDLE else ""
+                if not done and time.monotonic() > slot.deadline:
+                    done = True
+                    reason = (f"no Finished PDU within {slot.deadline - slot.started:.1f} s "
+                              f"({slot.source.step.name.lower()})")
+                if done:
+                    active.remove(slot)
+                    free.append(slot)
+                    yield self._end(slot, reason)
+            if cut:
+                # The pass is over: nothing more starts (what ``pull`` would give waits).
+                for slot in active:
+                    free.append(slot)
+                    yield self._end(slot, "pass over")
+                return
+
+    def _begin(self, slot: _Slot, item_id: str, path: Path, sha256: str, *, ahead: int
+               ) -> TransferResult | None:
+        """Start a transaction on ``slot``; a result when it cannot start."""
+        started = time.monotonic()
         try:
             nbytes = path.stat().st_size
         except OSError as error:
-            raise StorageError(path, f"cannot send {item_id!r}: "
-                                     f"{error.strerror or error}") from error
-        started = time.monotonic()
+            result = self._result(item_id, False, "unreadable", 0, started, None)
+            result.error = f"cannot send {item_id!r}: {error.strerror or error}"
+            return result
         if self.link.closed:
             return self._result(item_id, False, "pass over", nbytes, started, None)
-        self.user.finished = None
-        self.faults.faults = []
-        request = PutRequest(destination_id=self.config.ground_id, source_file=path,
-                             dest_file=Path(stored_name(item_id)),
-                             trans_mode=TransmissionMode.ACKNOWLEDGED, closure_requested=True,
-                             msgs_to_user=_tags(item_id, sha256))
-        if not self.source.put_request(request):
-            self.source.reset()
-            self.source.put_request(request)
         budget_s = self.config.transaction_timeout_s
         if self.config.bitrate_bps:
-            budget_s += 3 * nbytes * 8 / self.config.bitrate_bps
-        deadline = started + budget_s
-        held_finished: Any = None
-        key: tuple[int, int] | None = None
-        reason = ""
-        self._last_eof = None
-        heard = time.monotonic()
+            # The transactions ahead of it share the link with it.
+            budget_s += 3 * (nbytes + ahead) * 8 / self.config.bitrate_bps
+        slot.begin(item_id, nbytes, started + budget_s)
+        dest = stored_name(item_id)
+        c = self.config
+        # What the Metadata PDU holds besides its TLVs: PDU header (fixed part, two entity
+        # ids, a 4-octet sequence number, the CRC), directive code, flags, file size (8 octets
+        # at most), the two file names with their lengths.
+        room = c.pdu_size - (4 + 2 * c.entity_id_bytes + 4 + 2 * c.pdu_crc) - (
+            1 + 1 + 8 + 2 + len(path.as_posix().encode("utf-8")) + len(dest))
+        messages = _tags(item_id, sha256, self._item_of(path, sha256), room=room)
+        if messages is None:
+            # The Item does not fit one PDU: the product goes without it (counted), named and
+            # checked by its SHA-256 as before.
+            self.items_too_big += 1
+            messages = _tags(item_id, sha256)
+        request = PutRequest(destination_id=self.config.ground_id, source_file=path,
+                             dest_file=Path(dest),
+                             trans_mode=TransmissionMode.ACKNOWLEDGED, closure_requested=True,
+                             msgs_to_user=messages)
+        if not slot.source.put_request(request):
+            slot.source.reset()
+            slot.source.put_request(request)
+        return None
+
+    def _item_of(self, path: Path, sha256: str) -> bytes | None:
+        """The product's STAC Item (its JSON beside it, as the pipeline writes it), compressed
+        for the Metadata PDU; None when there is none or it does not describe this file."""
         try:
-            while True:
-                if not self._step(None):
-                    reason = "pass over"
-                    break
-                if key is None and self.source.transaction_id is not None:
-                    tid = self.source.transaction_id
-                    key = (int(tid.source_id.value), int(tid.seq_num.value))
-                if self.source.state == CfdpState.IDLE:
-                    break
-                step = self.source.step
-                waiting = step in (SourceStep.WAITING_FOR_EOF_ACK,
-                                   SourceStep.WAITING_FOR_FINISHED)
-                if held_finished is not None and step == SourceStep.WAITING_FOR_FINISHED:
-                    pdu, held_finished = held_finished, None
-                    if not self._step(pdu):
-                        reason = "pass over"
-                        break
-                    continue
-                for packet in self.link.receive(0.002 if waiting else 0.0):
-                    pdu = self._decode(packet)
-                    if pdu is None:
-                        continue
-                    if _key(pdu) != key:
-                        self._answer_old(pdu)
-                        continue
-                    heard = time.monotonic()
-                    if isinstance(pdu, FinishedPdu) and \
-                            self.source.step == SourceStep.WAITING_FOR_EOF_ACK:
-                        # Work-around 3: the Finished overtook a lost ACK(EOF); cfdp-py would
-                        # drop it, so it waits until the ACK(EOF) comes (the ground sends one
-                        # for every EOF repeated on the ACK timer).
-                        held_finished = pdu
-                        continue
-                    if not self._step(pdu):
-                        reason = "pass over"
-                        break
-                if reason:
-                    break
-                now = time.monotonic()
-                if step == SourceStep.WAITING_FOR_FINISHED and self._last_eof is not None \
-                        and now - heard > 2 * self.config.ack_timeout_s:
-                    # Work-around 3: cfdp-py waits for a Finished with no timer in acknowledged
-                    # mode; if every repetition of it was lost, the EOF is sent again, which
-                    # the ground answers with ACK(EOF) and its Finished.
-                    heard = now
-                    self.eof_resent += 1
-                    if not self.link.send(self._last_eof):
-                        reason = "pass over"
-                        break
-                if now > deadline:
-                    reason = (f"no Finished PDU within {budget_s:.1f} s "
-                              f"({self.source.step.name.lower()})")
-                    break
-        finally:
-            if self.source.state != CfdpState.IDLE:
-                self.source.reset()
-            self.user.files.close()
-        finished = self.user.finished
+            item = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(item, dict) or sha256 not in json.dumps(item.get("assets", {})):
+            return None
+        return zlib.compress(json.dumps(item, separators=(",", ":")).encode("utf-8"), 9)
+
+    def _advance(self, active: list[_Slot]) -> bool:
+        """One turn of every transaction in flight: take what the ground sent, run the
+        handlers, put their PDUs on the link; False when the pass ended."""
+        by_key = {slot.key: slot for slot in active if slot.key is not None}
+        sending = any(s.in_file_phase for s in active)
+        for packet in self.link.receive(0.0 if sending else 0.002):
+            pdu = self._decode(packet)
+            if pdu is None:
+                continue
+            slot = by_key.get(_key(pdu))
+            if slot is None:
+                self._answer_old(pdu)
+                continue
+            slot.heard = time.monotonic()
+            if isinstance(pdu, FinishedPdu) and slot.source.step == SourceStep.WAITING_FOR_EOF_ACK:
+                # Work-around 3: the Finished overtook a lost ACK(EOF); cfdp-py would drop it,
+                # so it waits until the ACK(EOF) comes (the ground sends one for every EOF
+                # repeated on the ACK timer).
+                slot.held_finished = pdu
+                continue
+            if not self._step(slot, pdu):
+                return False
+            slot.polled = slot.heard
+        now = time.monotonic()
+        for slot in active:
+            if slot.source.state == CfdpState.IDLE:
+                continue
+            step = slot.source.step
+            if slot.held_finished is not None and step == SourceStep.WAITING_FOR_FINISHED:
+                pdu, slot.held_finished = slot.held_finished, None
+                if not self._step(slot, pdu):
+                    return False
+                continue
+            if step in _WAITING and now - slot.polled < 0.002:
+                continue  # its timers are run a few times per ms, not once per PDU sent
+            slot.polled = now
+            if not self._step(slot, None):
+                return False
+            if slot.key is None and slot.source.transaction_id is not None:
+                tid = slot.source.transaction_id
+                slot.key = (int(tid.source_id.value), int(tid.seq_num.value))
+            if step == SourceStep.WAITING_FOR_FINISHED and slot.last_eof is not None \
+                    and now - slot.heard > 2 * self.config.ack_timeout_s:
+                # Work-around 3: cfdp-py waits for a Finished with no timer in acknowledged
+                # mode; if every repetition of it was lost, the EOF is sent again, which the
+                # ground answers with ACK(EOF) and its Finished.
+                slot.heard = now
+                self.eof_resent += 1
+                if not self.link.send(slot.last_eof):
+                    return False
+        return True
+
+    def _end(self, slot: _Slot, reason: str) -> TransferResult:
+        if slot.source.state != CfdpState.IDLE:
+            slot.source.reset()
+        slot.user.files.close()
+        finished = slot.user.finished
+        key = slot.key
         if key is not None and finished is not None:
             self._finished[key] = None
             while len(self._finished) > 1024:
                 self._finished.popitem(last=False)
-        ok = (finished is not None and finished.condition_code == ConditionCode.NO_ERROR
+        ok = (not reason and finished is not None
+              and finished.condition_code == ConditionCode.NO_ERROR
               and finished.delivery_code == DeliveryCode.DATA_COMPLETE)
         if not reason:
             reason = "complete" if ok else (
                 f"Finished {finished.condition_code.name}/{finished.delivery_code.name}"
-                if finished is not None else "abandoned: " + ",".join(self.faults.faults))
-        result = self._result(item_id, ok, reason, nbytes, started, key, finished)
-        return result
+                if finished is not None else "abandoned: " + ",".join(slot.faults.faults))
+        return self._result(slot.item_id, ok, reason, slot.nbytes, slot.started, key, finished,
+                            slot.faults.faults)
 
     def _result(self, item_id: str, ok: bool, reason: str, nbytes: int, started: float,
-                key: tuple[int, int] | None, finished: Any = None) -> TransferResult:
+                key: tuple[int, int] | None, finished: Any = None,
+                faults: list[str] | None = None) -> TransferResult:
         result = TransferResult(item_id, ok, reason, nbytes, round(time.monotonic() - started, 4),
                                 key, finished.condition_code.name if finished else None,
                                 finished.delivery_code.name if finished else None,
-                                list(self.faults.faults))
+                                list(faults or []))
         self.results.append(result)
         if self.telemetry is not None:
             self.telemetry.emit("downlink.cfdp", detail=True, **result.to_dict())
         return result
 
-    def _step(self, pdu: Any) -> bool:
+    def _step(self, slot: _Slot, pdu: Any) -> bool:
         """One state-machine call, its PDUs onto the link; False when the pass ended."""
         try:
-            self.source.state_machine(pdu)
+            slot.source.state_machine(pdu)
         except _PDU_REFUSED:
             self.refused_pdus += 1
-        while self.source.packets_ready:
-            holder = self.source.get_next_packet()
+        source = slot.source
+        sent = False
+        while source.packets_ready:
+            holder = source.get_next_packet()
             if holder is None:
                 break
             packet = self.framer.wrap(bytes(holder.pdu.pack()))
             if holder.pdu_directive_type == DirectiveType.EOF_PDU:
-                self._last_eof = packet
+                slot.last_eof = packet
             if not self.link.send(packet):
                 return False
+            sent = True
+        if sent and source.step in _WAITING:
+            # Retransmissions paced onto a slow link take time: the Finished is awaited from
+            # when they went out, not from the NAK.
+            slot.heard = time.monotonic()
         return True
 
     def _decode(self, packet: bytes) -> Any:
@@ -1037,7 +1225,10 @@ class _GroundUser(_QuietUser):
         self.transaction = transaction
 
     def metadata_recv_indication(self, params: Any) -> None:
-        self.transaction.item_id, self.transaction.sha256 = _read_tags(params.msgs_to_user)
+        tags = _read_tags(params.msgs_to_user)
+        self.transaction.item_id, self.transaction.sha256 = tags.product
+        self.transaction.item = tags.item
+        self.transaction.item_broken = tags.item_broken
 
     def eof_recv_indication(self, transaction_id: TransactionId) -> None:
         self.transaction.eof_seen = True
@@ -1058,6 +1249,11 @@ class _GroundTransaction:
             self.user, station.remotes, _Timers(station.config.ack_timeout_s))
         self.item_id: str | None = None
         self.sha256: str | None = None
+        self.item: dict[str, Any] | None = None
+        self.item_broken = False
+        self.held_eof: EofPdu | None = None  # an EOF that came with gaps, for the grace
+        self.hold_until = 0.0
+        self._grace_over = False
         self.eof_seen = False
         self.eof: EofPdu | None = None
         self.completed = False
@@ -1070,6 +1266,14 @@ class _GroundTransaction:
         self.last_heard = time.monotonic()
         if isinstance(pdu, EofPdu):
             self.eof = pdu
+            if not self.eof_seen and not self._grace_over and self._has_gaps(pdu) \
+                    and self.station.config.eof_grace_s > 0:
+                # Held for the grace (its ACK too: well within the sender's ACK timer), so
+                # that what was reordered behind it fills its gaps instead of being NAKed.
+                if self.held_eof is None:
+                    self.hold_until = self.last_heard + self.station.config.eof_grace_s
+                self.held_eof = pdu
+                return []
         if isinstance(pdu, EofPdu) and self.eof_seen and not self._forgot_eof:
             # Work-around 3: the source repeats its EOF because our ACK(EOF) was lost, and
             # cfdp-py's handler ignores an EOF once it has one. Acknowledge it again, and send
@@ -1079,6 +1283,8 @@ class _GroundTransaction:
                                 pdu.condition_code, TransactionStatus.ACTIVE).pack())]
             return out + ([self.last_finished] if self.last_finished else [])
         out = self._run(pdu)
+        if self.held_eof is not None and not self._has_gaps(self.held_eof):
+            out += self._release_eof()
         if self._forgot_eof and self.eof is not None:
             # Work-around 5: an EOF that came before the (lost, then re-sent) Metadata PDU is
             # forgotten by cfdp-py when the Metadata arrives (it goes back to receiving file
@@ -1091,7 +1297,23 @@ class _GroundTransaction:
     def _forgot_eof(self) -> bool:
         return self.eof_seen and self.handler.step == DestStep.RECEIVING_FILE_DATA
 
+    def _has_gaps(self, eof: EofPdu) -> bool:
+        """Whether file data is missing that the EOF would have NAKed (metadata received)."""
+        handler = self.handler
+        if handler.step != DestStep.RECEIVING_FILE_DATA:
+            return False
+        acked = handler._params.acked_params
+        return acked.lost_seg_tracker.num_lost_segments > 0 or handler.progress < eof.file_size
+
+    def _release_eof(self) -> list[bytes]:
+        eof, self.held_eof = self.held_eof, None
+        self._grace_over = True
+        return self.feed(eof) if eof is not None else []
+
     def poll(self) -> list[bytes]:
+        if self.held_eof is not None and time.monotonic() >= self.hold_until:
+            self.station.stats["eof_held"] += 1
+            return self._release_eof()
         if self.handler.state == CfdpState.IDLE:
             return []
         return self._run(None)
@@ -1105,6 +1327,13 @@ class _GroundTransaction:
             # cfdp-py's lost-segment tracker refuses a segment that partly overlaps a gap;
             # the segment is lost to it, and the NAK procedure asks for it again.
             self.station.stats["refused_pdus"] += 1
+        acked = self.handler._params.acked_params
+        if acked.metadata_missing and acked.lost_seg_tracker.num_lost_segments > 1:
+            # Work-around 6: while the Metadata PDU is missing, cfdp-py adds (0, progress) to
+            # its gap list for every file-data PDU and never merges them; each NAK round then
+            # asks for the file again once per PDU received (a retransmission storm that
+            # grows with itself). Merged, it is one request for what came so far.
+            acked.lost_seg_tracker.coalesce_lost_segments()
         out: list[bytes] = []
         while self.handler.packets_ready:
             holder = self.handler.get_next_packet()
@@ -1142,10 +1371,22 @@ class _GroundTransaction:
                 finished.file_status = FileStatus.DISCARDED_FILESTORE_REJECTION
             station._record(self)
             return
+        # The product's STAC Item, when one came, states the checksum the catalogue publishes:
+        # the stored bytes must match it (and the SHA-256 tag, which names the same bytes).
+        expected = self.sha256
+        if self.item is not None:
+            stated = item_sha256(self.item)
+            if stated != self.sha256 or self.item.get("id") != self.item_id:
+                station.stats["items_refused"] += 1
+                self.item = None  # an Item that does not describe this product: not catalogued
+        elif self.item_broken:
+            station.stats["items_refused"] += 1
         try:
             files.commit()
             duplicates = station.receiver.duplicates
-            accepted = station.receiver.accept(self.item_id, self.sha256)
+            accepted = station.receiver.accept(self.item_id, expected)
+            if accepted and self.item is not None:
+                station.catalogue.add(self.item_id, self.item, stored_name(self.item_id))
         except StorageError as error:
             files.discard()
             accepted = False
@@ -1199,6 +1440,7 @@ class GroundStation:
         self.root = Path(root)
         self.config = config
         self.receiver = Receiver(self.root)
+        self.catalogue = GroundCatalogue(self.root, self.receiver.ids())
         self.faults = _Faults()
         # Work-around 3: cfdp-py's handler would repeat its Finished for ever (after its ACK
         # limit it cancels and starts again); the station stops it after ``ack_limit`` tries.
@@ -1214,7 +1456,8 @@ class GroundStation:
         self.stats: dict[str, int] = {"pdus": 0, "undecodable": 0, "refused_pdus": 0,
                                       "eof_reacked": 0, "eof_refed": 0, "finished_resent": 0,
                                       "stale_ignored": 0, "retired_finished": 0,
-                                      "retired_inactive": 0}
+                                      "retired_inactive": 0, "items_refused": 0,
+                                      "eof_held": 0}
         self._log = self.root / "transactions.jsonl"
 
     def receive(self, packet: bytes) -> list[bytes]:
@@ -1242,7 +1485,8 @@ class GroundStation:
         key = _key(pdu)
         retired = self.retired.get(key)
         if retired is not None:
-            if isinstance(pdu, MetadataPdu) and _read_tags(_messages(pdu)) != retired.product:
+            if isinstance(pdu, MetadataPdu) \
+                    and _read_tags(_messages(pdu)).product != retired.product:
                 # Another product under a number this station has finished: the sender's
                 # numbering started again; the new transaction is not the old one.
                 del self.retired[key]
@@ -1324,7 +1568,8 @@ class GroundStation:
             raise StorageError(self._log, f"cannot append: {error.strerror or error}") from error
 
     def flush(self) -> None:
-        """Write the decoded telemetry (when new records came) atomically."""
+        """Write the catalogue and the decoded telemetry (when new ones came) atomically."""
+        self.catalogue.flush()
         if len(self.records) == self._flushed_records:
             return
         write_text(self.root / "telemetry.jsonl",
@@ -1337,6 +1582,7 @@ class GroundStation:
         for record in self.outcomes:
             counts[record["event"]] = counts.get(record["event"], 0) + 1
         return {"outcomes": counts, "stored": len(self.receiver.ids()),
+                "catalogued": len(self.catalogue.items),
                 "duplicates": self.receiver.duplicates, "rejected": self.receiver.rejected,
                 "open": len(self.active), "telemetry": self.telemetry.report.to_dict(),
                 **self.stats}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, unquote
 
-from onboard.runtime.downlink.queue import DownlinkQueue, file_sha256
+from onboard.runtime.downlink.queue import DownlinkQueue, QueueItem, file_sha256
 from onboard.runtime.durability import Journal, atomic_path, move, remove_partials
 from onboard.runtime.errors import OnboardError, StorageError
 from onboard.runtime.telemetry import Telemetry
@@ -162,8 +162,17 @@ class FolderTransmitter:
 
 @dataclass
 class DrainReport:
+    """What one pass's drain did. Two byte counts, because they differ on a link that can fail
+    mid-transfer: ``sent_bytes`` is the product bytes put on the link (what the pass spent:
+    a transfer cut by the end of the pass, or one the ground refused, used the link as much as
+    one that arrived), ``acknowledged_bytes`` those the ground confirmed. ``link_bytes`` is the
+    octets the downlink carried meanwhile (protocol overhead and retransmissions included),
+    where the transmitter counts them."""
+
     budget_bytes: int
     sent_bytes: int = 0
+    acknowledged_bytes: int = 0
+    link_bytes: int | None = None
     acknowledged: list[str] = field(default_factory=list)
     not_acknowledged: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # id -> error
@@ -171,38 +180,84 @@ class DrainReport:
 
     def to_dict(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "sent_bytes": self.sent_bytes,
+                "acknowledged_bytes": self.acknowledged_bytes, "link_bytes": self.link_bytes,
                 "acknowledged": len(self.acknowledged),
                 "not_acknowledged": len(self.not_acknowledged), "failed": dict(self.failed),
                 "left_for_later": self.left_for_later}
 
 
+def _link_bytes(transmitter: Transmitter) -> int | None:
+    value = getattr(transmitter, "link_bytes", None)
+    return value if isinstance(value, int) else None
+
+
 def drain(queue: DownlinkQueue, transmitter: Transmitter, budget_bytes: int,
           telemetry: Telemetry | None = None) -> DrainReport:
     """Send queued items in the queue's order while they fit ``budget_bytes``; an item too big
-    for what is left waits, smaller ones after it still go."""
+    for what is left waits, smaller ones after it still go.
+
+    An item is charged to the budget when its transfer starts, acknowledged or not (bytes on
+    the link spend the pass); one that never went on the link (unreadable, or the pass ended
+    before it started) is not. A transmitter with ``transfer_many`` (CFDP) has several
+    transfers in flight, each item settled in the queue as its own ends."""
     report = DrainReport(int(budget_bytes))
     left = int(budget_bytes)
-    for item in queue.next():
-        if item.nbytes > left:
-            report.left_for_later += 1
-            continue
-        queue.mark_sending(item.id)
-        try:
-            acknowledged = transmitter.send(item.id, item.path, item.sha256)
-        except OnboardError as error:
+    link0 = _link_bytes(transmitter)
+    pending = iter(queue.next())
+    started: dict[str, QueueItem] = {}
+
+    def pull() -> tuple[str, Path, str] | None:
+        nonlocal left
+        for item in pending:
+            if item.nbytes > left:
+                report.left_for_later += 1
+                continue
+            queue.mark_sending(item.id)
+            left -= item.nbytes
+            report.sent_bytes += item.nbytes
+            started[item.id] = item
+            return item.id, item.path, item.sha256
+        return None
+
+    def settle(item_id: str, acknowledged: bool, on_link: bool = True,
+               error: str | None = None) -> None:
+        nonlocal left
+        item = started.pop(item_id)
+        if not on_link:
+            left += item.nbytes
+            report.sent_bytes -= item.nbytes
+        if error is not None:
             # A product the link cannot read stays queued and the pass goes on; the error is
             # in the report, never swallowed.
-            queue.requeue(item.id)
-            report.failed[item.id] = str(error)
-            continue
-        left -= item.nbytes
-        report.sent_bytes += item.nbytes
-        if acknowledged:
-            queue.mark_acknowledged(item.id)
-            report.acknowledged.append(item.id)
+            queue.requeue(item_id)
+            report.failed[item_id] = error
+        elif acknowledged:
+            queue.mark_acknowledged(item_id)
+            report.acknowledged.append(item_id)
+            report.acknowledged_bytes += item.nbytes
         else:
-            queue.requeue(item.id)
-            report.not_acknowledged.append(item.id)
+            queue.requeue(item_id)
+            report.not_acknowledged.append(item_id)
+
+    many = getattr(transmitter, "transfer_many", None)
+    if many is not None:
+        for result in many(pull):
+            settle(result.item_id, result.acknowledged,
+                   on_link=result.transaction is not None, error=result.error)
+    else:
+        while (next_item := pull()) is not None:
+            try:
+                acknowledged = transmitter.send(*next_item)
+            except OnboardError as error:
+                settle(next_item[0], False, on_link=False, error=str(error))
+                continue
+            settle(next_item[0], acknowledged)
+    link1 = _link_bytes(transmitter)
+    if link0 is not None and link1 is not None:
+        report.link_bytes = link1 - link0
+    end_pass = getattr(transmitter, "end_pass", None)
+    if end_pass is not None:
+        end_pass()
     if telemetry is not None:
         telemetry.emit("downlink.drain", **report.to_dict())
     return report

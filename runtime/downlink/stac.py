@@ -13,12 +13,14 @@ validate the Items with pystac and stac-pydantic on the ground side.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from onboard.runtime.downlink.products import Product
-from onboard.runtime.errors import ConfigError, GeoreferenceError
+from onboard.runtime.errors import ConfigError, GeoreferenceError, StorageError
 from onboard.runtime.georef import CRS, Georef
 from onboard.runtime.scores import TileScore
 
@@ -185,3 +187,88 @@ def make_item(
     if collection is not None:
         item["collection"] = collection
     return item
+
+
+# -- the ground's catalogue ------------------------------------------------------------------------
+
+def item_sha256(item: Mapping[str, Any]) -> str | None:
+    """The SHA-256 (hex) an Item's asset states as its ``file:checksum`` multihash
+    (``1220`` + 64 hex digits: sha2-256, 32 octets); None when no asset states one."""
+    assets = item.get("assets")
+    if not isinstance(assets, Mapping):
+        return None
+    for asset in assets.values():
+        checksum = asset.get("file:checksum") if isinstance(asset, Mapping) else None
+        if isinstance(checksum, str) and len(checksum) == 68 and checksum.startswith("1220"):
+            return checksum[4:]
+    return None
+
+
+class GroundCatalogue:
+    """What arrived on the ground, as a STAC ItemCollection: ``root/catalogue.json``, one
+    Feature per product id, and each Item beside it in ``root/items/<name>.json`` (its asset's
+    href pointing at the stored product, ``../store/<name>``).
+
+    The Item files are the state (written when the product is stored); the collection is
+    rebuilt from them on start and rewritten by :meth:`flush`, so a crash between the two loses
+    nothing. An id is catalogued once: a product delivered again keeps its first Item.
+    """
+
+    def __init__(self, root: str | Path, stored_ids: set[str] | None = None) -> None:
+        from onboard.runtime.durability import remove_partials
+
+        self.root = Path(root)
+        self.folder = self.root / "items"
+        self.path = self.root / "catalogue.json"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(self.folder, f"cannot create: {error.strerror or error}") \
+                from error
+        remove_partials(self.folder)
+        self.items: dict[str, dict[str, Any]] = {}
+        for entry in sorted(self.folder.glob("*.json")):
+            try:
+                item = json.loads(entry.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise StorageError(entry, f"cannot read a catalogued Item: {error}") from error
+            item_id = item.get("id") if isinstance(item, dict) else None
+            if isinstance(item_id, str) and (stored_ids is None or item_id in stored_ids):
+                self.items[item_id] = item
+        self._dirty = True
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self.items
+
+    def add(self, item_id: str, item: Mapping[str, Any], name: str) -> bool:
+        """Catalogue ``item`` for the product stored as ``store/<name>``; False (and nothing
+        written) when the id is catalogued already."""
+        from onboard.runtime.durability import write_json
+
+        if item_id in self.items:
+            return False
+        entry = json.loads(json.dumps(item))
+        entry["id"] = item_id
+        for asset in (entry.get("assets") or {}).values():
+            if isinstance(asset, dict):
+                asset["href"] = f"../store/{name}"
+        links = [link for link in entry.get("links") or [] if isinstance(link, dict)
+                 and link.get("rel") != "self"]
+        entry["links"] = links + [{"rel": "self", "href": f"items/{name}.json",
+                                   "type": "application/geo+json"}]
+        write_json(self.folder / f"{name}.json", entry)
+        self.items[item_id] = entry
+        self._dirty = True
+        return True
+
+    def collection(self) -> dict[str, Any]:
+        return {"type": "FeatureCollection",
+                "features": [self.items[k] for k in sorted(self.items)]}
+
+    def flush(self) -> None:
+        """Write ``catalogue.json`` (atomically) when something was added since the last."""
+        from onboard.runtime.durability import write_json
+
+        if self._dirty:
+            write_json(self.path, self.collection())
+            self._dirty = False
