@@ -225,3 +225,90 @@ def test_absolute_hrefs_and_missing_times_are_refused():
 def test_no_network_fixture_really_blocks(no_network):
     with pytest.raises(OSError, match="network"):
         socket.create_connection(("example.org", 80))
+
+
+def _products_with_items(folder: Path) -> list[tuple[str, Path]]:
+    """Products of the sample's 64² tiles with their Items beside them, as ``onboard run``
+    writes them (``products/<id>.tif`` and ``<id>.json``)."""
+    from onboard.runtime.durability import write_json
+
+    maker = ProductMaker()
+    made = []
+    for row, col, kind in [(0, 0, "full"), (0, 64, "near_lossless"), (64, 0, "thumbnail"),
+                           (64, 64, "full")]:
+        frame, score = _tile(Window(row, col, 64, 64))
+        product = maker.make(kind, frame)
+        pid = product_id(score.tile_id, kind)
+        path = folder / f"{pid}{product.suffix}"
+        product.write(path)
+        write_json(path.with_suffix(".json"),
+                   make_item(product, score, item_id=pid, href=path.name, priority=0.5))
+        made.append((pid, path))
+    return made
+
+
+def test_items_ride_the_metadata_pdu_and_the_ground_catalogues_each_id_once(tmp_path,
+                                                                          no_network):
+    from onboard.runtime.downlink.cfdp import CfdpLinkConfig, CfdpTransmitter, GroundStation, \
+        SimulatedLink
+    from onboard.runtime.downlink.stac import GroundCatalogue, item_sha256
+
+    made = _products_with_items(tmp_path / "products")
+    config = CfdpLinkConfig(drop_rate=0.05, reorder_rate=0.1, ack_timeout_s=0.2,
+                            nak_timeout_s=0.2, transaction_timeout_s=10.0)
+    ground = GroundStation(tmp_path / "ground", config)
+    # Two flight lives send everything (the second as after a lost acknowledgement): the
+    # store and the catalogue hold each id once.
+    for life in range(2):
+        transmitter = CfdpTransmitter(config, SimulatedLink(ground, config),
+                                      tmp_path / f"flight{life}")
+        for pid, path in made:
+            assert transmitter.send(pid, path, hashlib.sha256(path.read_bytes()).hexdigest())
+        assert transmitter.items_too_big == 0
+    ground.flush()
+    assert ground.receiver.duplicates == len(made)
+    collection = json.loads((tmp_path / "ground" / "catalogue.json").read_text())
+    assert collection["type"] == "FeatureCollection"
+    ids = [item["id"] for item in collection["features"]]
+    assert sorted(ids) == sorted(pid for pid, _ in made)  # once each
+    pystac.ItemCollection.from_dict(collection)
+    for item in collection["features"]:
+        _validate(item)
+        flight = json.loads((tmp_path / "products" / f"{item['id']}.json").read_text())
+        assert item["properties"] == flight["properties"]
+        assert item["geometry"] == flight["geometry"]
+        # The asset points at the stored product, relative to the Item's own file.
+        (asset,) = item["assets"].values()
+        stored = (tmp_path / "ground" / "items" / asset["href"]).resolve()
+        assert stored == ground.receiver.path_of(item["id"]).resolve()
+        assert item_sha256(item) == hashlib.sha256(stored.read_bytes()).hexdigest()
+        assert json.loads((tmp_path / "ground" / "items" /
+                           f"{stored.name}.json").read_text()) == item
+    # A restarted ground rebuilds the same catalogue from its Items.
+    assert GroundCatalogue(tmp_path / "ground", ground.receiver.ids()).collection() == collection
+
+
+def test_an_item_that_does_not_fit_one_pdu_or_does_not_match_is_not_catalogued(tmp_path):
+    from onboard.runtime.downlink.cfdp import CfdpLinkConfig, CfdpTransmitter, GroundStation, \
+        SimulatedLink
+    from onboard.runtime.durability import write_json
+
+    made = _products_with_items(tmp_path / "products")[:2]
+    small = CfdpLinkConfig(pdu_size=256, ack_timeout_s=0.2, nak_timeout_s=0.2)
+    ground = GroundStation(tmp_path / "ground", small)
+    transmitter = CfdpTransmitter(small, SimulatedLink(ground, small), tmp_path / "flight")
+    pid, path = made[0]
+    assert transmitter.send(pid, path, hashlib.sha256(path.read_bytes()).hexdigest())
+    assert transmitter.items_too_big == 1  # sent without it, named and checked all the same
+    # An Item stating another checksum than the product's: the flight side leaves it out.
+    pid, path = made[1]
+    item = json.loads(path.with_suffix(".json").read_text())
+    (asset,) = item["assets"].values()
+    asset["file:checksum"] = "1220" + "0" * 64
+    write_json(path.with_suffix(".json"), item)
+    config = CfdpLinkConfig(ack_timeout_s=0.2, nak_timeout_s=0.2)
+    transmitter = CfdpTransmitter(config, SimulatedLink(ground, config), tmp_path / "flight2")
+    assert transmitter.send(pid, path, hashlib.sha256(path.read_bytes()).hexdigest())
+    ground.flush()
+    assert ground.receiver.ids() == {p for p, _ in made}
+    assert json.loads((tmp_path / "ground" / "catalogue.json").read_text())["features"] == []

@@ -249,7 +249,26 @@ _UNDECODABLE = (InvalidCrcError, ValueError, IndexError, KeyError)
 
 _TAG_ID = b"onboard:id:"
 _TAG_SHA = b"onboard:sha256:"
-_TAG_ITEM = b"onboard:item:"  # a slice of the zlib-compressed STAC Item JSON
+_TAG_ITEM = b"onboard:item1:"  # a slice of the STAC Item JSON, zlib with _ITEM_ZDICT (v1)
+# A preset dictionary for the Items :func:`~.stac.make_item` writes: their keys and constant
+# values, so that a tile's Item (2.5 KB of compact JSON) takes about 500 octets instead of
+# 900 and fits a 1 KiB Metadata PDU. Part of the link's format: changing it is a new tag.
+_ITEM_ZDICT = (
+    b'"onboard:scores":{"cloud_fraction":"clear_fraction":"change":},"onboard:aoi_weight":1.0,'
+    b'"onboard:bundles":[],"onboard:product_kind":"full","near_lossless","thumbnail","mask",'
+    b'"superres","onboard:priority":"onboard:max_error_dn":"onboard:pass":'
+    b'"onboard:value_per_byte":"links":[],"assets":{"full":{"href":".tif","type":"image/tiff; '
+    b'application=geotiff; profile=cloud-optimized","title":" of tile ","roles":["data"],'
+    b'"file:size":"file:checksum":"1220","bands":[{"name":"B01"},{"name":"B02"},{"name":"B03"},'
+    b'{"name":"B04"},{"name":"B05"},{"name":"B06"},{"name":"B07"},{"name":"B08"},{"name":"B8A"},'
+    b'{"name":"B09"},{"name":"B10"},{"name":"B11"},{"name":"B12"}]}},"bbox":['
+    b'"properties":{"datetime":"T00:00:00Z","proj:code":"EPSG:","proj:bbox":[,"proj:shape":[,'
+    b'"proj:transform":[0.0,0.0,1.0],"eo:cloud_cover":"onboard:tile_id":"onboard:acquisition":'
+    b'"onboard:window":[,"onboard:decision":"keep","demote","drop","onboard:reasons":[],'
+    b'{"type":"Feature","stac_version":"1.1.0","stac_extensions":["https://stac-extensions.'
+    b'github.io/eo/v1.1.0/schema.json","https://stac-extensions.github.io/projection/v2.0.0/'
+    b'schema.json","https://stac-extensions.github.io/file/v2.1.0/schema.json"],"id":"",'
+    b'"geometry":{"type":"Polygon","coordinates":[[[')
 _TLV_MAX = 255  # the length octet of a TLV
 
 
@@ -301,7 +320,9 @@ def _read_tags(messages: list[MessageToUserTlv] | None) -> _Tags:
     item = None
     if item_pieces:
         try:
-            item = json.loads(zlib.decompress(b"".join(item_pieces)).decode("utf-8"))
+            unpacker = zlib.decompressobj(zdict=_ITEM_ZDICT)
+            raw = unpacker.decompress(b"".join(item_pieces)) + unpacker.flush()
+            item = json.loads(raw.decode("utf-8"))
         except (zlib.error, UnicodeDecodeError, ValueError):
             item = None
         if not isinstance(item, dict):
@@ -725,14 +746,32 @@ class _DurableSeqCount(ProvidesSeqCount):
 
 class _ProductFilestore(NativeFilestore):
     """Reads the product being sent through one open descriptor (cfdp-py's own filestore opens
-    the file again for every segment)."""
+    the file again for every segment), under the name it has on the ground: the Metadata PDU
+    carries the source file name, and the flight side's folders are none of the ground's
+    business (nor worth the octets a STAC Item needs)."""
 
     def __init__(self) -> None:
         super().__init__()
         self._path: Path | None = None
         self._fd: int | None = None
+        self.names: dict[Path, Path] = {}  # the name sent -> the file read
+
+    def _real(self, file: Path) -> Path:
+        return self.names.get(file, file)
+
+    def file_exists(self, path: Path) -> bool:
+        return super().file_exists(self._real(path))
+
+    def file_size(self, file: Path) -> int:
+        return super().file_size(self._real(file))
+
+    def calculate_checksum(self, checksum_type: ChecksumType, file_path: Path,
+                           size_to_verify: int, segment_len: int = 4096) -> bytes:
+        return super().calculate_checksum(checksum_type, self._real(file_path), size_to_verify,
+                                          segment_len)
 
     def _open(self, file: Path) -> int:
+        file = self._real(file)
         if self._fd is None or self._path != file:
             self.close()
             self._fd = os.open(file, os.O_RDONLY)
@@ -939,14 +978,15 @@ class CfdpTransmitter:
         # ids, a 4-octet sequence number, the CRC), directive code, flags, file size (8 octets
         # at most), the two file names with their lengths.
         room = c.pdu_size - (4 + 2 * c.entity_id_bytes + 4 + 2 * c.pdu_crc) - (
-            1 + 1 + 8 + 2 + len(path.as_posix().encode("utf-8")) + len(dest))
+            1 + 1 + 8 + 2 + 2 * len(dest))
         messages = _tags(item_id, sha256, self._item_of(path, sha256), room=room)
         if messages is None:
             # The Item does not fit one PDU: the product goes without it (counted), named and
             # checked by its SHA-256 as before.
             self.items_too_big += 1
             messages = _tags(item_id, sha256)
-        request = PutRequest(destination_id=self.config.ground_id, source_file=path,
+        slot.user.files.names = {Path(dest): path}
+        request = PutRequest(destination_id=self.config.ground_id, source_file=Path(dest),
                              dest_file=Path(dest),
                              trans_mode=TransmissionMode.ACKNOWLEDGED, closure_requested=True,
                              msgs_to_user=messages)
@@ -964,7 +1004,9 @@ class CfdpTransmitter:
             return None
         if not isinstance(item, dict) or sha256 not in json.dumps(item.get("assets", {})):
             return None
-        return zlib.compress(json.dumps(item, separators=(",", ":")).encode("utf-8"), 9)
+        packer = zlib.compressobj(9, zdict=_ITEM_ZDICT)
+        raw = json.dumps(item, separators=(",", ":")).encode("utf-8")
+        return packer.compress(raw) + packer.flush()
 
     def _advance(self, active: list[_Slot]) -> bool:
         """One turn of every transaction in flight: take what the ground sent, run the
