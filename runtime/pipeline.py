@@ -867,6 +867,14 @@ class PassRunner:
             start_pass = getattr(self.transmitter, "start_pass", None)
             if start_pass is not None:  # a link with its own notion of the pass (CFDP)
                 start_pass(window.budget_bytes)
+            send_telemetry = getattr(self.transmitter, "send_telemetry_file", None)
+            if send_telemetry is not None:
+                # Telemetry as space packets first at each contact, within its own budget per
+                # pass: what was written since the last contact (this pass's tiles, the last
+                # pass's downlink records).
+                self.telemetry.sync()
+                summary["telemetry_link"] = send_telemetry(self.telemetry.path,
+                                                           self.telemetry.budget_bytes)
             report = drain(self.queue, self.transmitter, window.budget_bytes, self.telemetry)
             summary["link"] = report.to_dict()
             self.link_report["sent"] += len(report.acknowledged) + len(report.not_acknowledged)

@@ -249,8 +249,12 @@ def _products_with_items(folder: Path) -> list[tuple[str, Path]]:
 
 def test_items_ride_the_metadata_pdu_and_the_ground_catalogues_each_id_once(tmp_path,
                                                                           no_network):
-    from onboard.runtime.downlink.cfdp import CfdpLinkConfig, CfdpTransmitter, GroundStation, \
-        SimulatedLink
+    from onboard.runtime.downlink.cfdp import (
+        CfdpLinkConfig,
+        CfdpTransmitter,
+        GroundStation,
+        SimulatedLink,
+    )
     from onboard.runtime.downlink.stac import GroundCatalogue, item_sha256
 
     made = _products_with_items(tmp_path / "products")
@@ -289,8 +293,12 @@ def test_items_ride_the_metadata_pdu_and_the_ground_catalogues_each_id_once(tmp_
 
 
 def test_an_item_that_does_not_fit_one_pdu_or_does_not_match_is_not_catalogued(tmp_path):
-    from onboard.runtime.downlink.cfdp import CfdpLinkConfig, CfdpTransmitter, GroundStation, \
-        SimulatedLink
+    from onboard.runtime.downlink.cfdp import (
+        CfdpLinkConfig,
+        CfdpTransmitter,
+        GroundStation,
+        SimulatedLink,
+    )
     from onboard.runtime.durability import write_json
 
     made = _products_with_items(tmp_path / "products")[:2]

@@ -120,6 +120,7 @@ from onboard.runtime.downlink.packets import (
     PackReport,
     TelemetryDecoder,
     TelemetryPacker,
+    read_jsonl,
     space_packet,
     split_packet,
 )
@@ -159,6 +160,7 @@ class CfdpLinkConfig:
     pass_budget_bytes: int | None = None  # octets on the wire per pass; None: no end
     drop_rate: float = 0.0  # file-data PDUs lost on the way down
     directive_drop_rate: float = 0.0  # directive PDUs (metadata, EOF, ACK, NAK, Finished) lost
+    telemetry_drop_rate: float = 0.0  # telemetry space packets lost (nothing sends them again)
     reorder_rate: float = 0.0
     reorder_depth: int = 8  # a reordered packet is held back behind up to this many others
     duplicate_rate: float = 0.0
@@ -180,7 +182,8 @@ class CfdpLinkConfig:
     eof_grace_s: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("drop_rate", "directive_drop_rate", "reorder_rate", "duplicate_rate",
+        for name in ("drop_rate", "directive_drop_rate", "telemetry_drop_rate", "reorder_rate",
+                     "duplicate_rate",
                      "corrupt_rate", "segment_corrupt_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -451,6 +454,7 @@ class LinkStats:
     corrupted: int = 0  # wire bit flips
     segments_corrupted: int = 0  # file data damaged before framing
     refused_after_pass: int = 0  # packets offered once the pass budget was spent
+    telemetry_bytes: int = 0  # octets of telemetry packets among ``bytes``
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -481,7 +485,14 @@ class Impairments:
         pdu = None
         with contextlib.suppress(*_UNDECODABLE, PacketError):
             pdu = _pdu_of(packet, self.pdu_apid)
-        file_data = pdu is not None and not PduFactory.is_file_directive(pdu)
+        if pdu is None:
+            # A telemetry packet: its own loss rate, and never reordered (the packets of an
+            # APID come down in order, as on a virtual channel; the ground counts the gaps).
+            if c.telemetry_drop_rate and rng.random() < c.telemetry_drop_rate:
+                self.stats.dropped += 1
+                return out
+            return [*out, packet]
+        file_data = not PduFactory.is_file_directive(pdu)
         if rng.random() < (c.drop_rate if file_data else c.directive_drop_rate):
             self.stats.dropped += 1
             return out
@@ -588,8 +599,15 @@ class _LinkBase:
         return self._budget_left is not None and self._budget_left <= 0
 
     def _admit(self, packet: bytes) -> bool:
-        """Count a packet against the pass; False (and the pass is over) when it does not fit."""
-        if self._budget_left is not None:
+        """Count a CFDP packet against the pass's product budget; False (and the pass is over)
+        when it does not fit. Telemetry has a budget of its own (the packer keeps to it)."""
+        telemetry = len(packet) > 1 and ((packet[0] & 0x07) << 8 | packet[1]) != CFDP_DOWN_APID
+        if telemetry:
+            if self.closed:
+                self.down.refused_after_pass += 1
+                return False
+            self.down.telemetry_bytes += len(packet)
+        elif self._budget_left is not None:
             if len(packet) > self._budget_left:
                 self._budget_left = 0
                 self.down.refused_after_pass += 1
@@ -864,6 +882,7 @@ class CfdpTransmitter:
         self.link = link
         self.telemetry = telemetry
         state = Path(state_dir)
+        self.state_dir = state
         self.seq = _DurableSeqCount(state / "cfdp-seq.json")
         # One source handler per transaction in flight: a cfdp-py handler carries one at a time.
         self._slots = [_Slot(self) for _ in range(config.window)]
@@ -1148,8 +1167,41 @@ class CfdpTransmitter:
         report = PackReport()
         for packet in self.packer.pack(records, budget_bytes, report):
             if not self.link.send(packet):
-                break
+                report.unsent += 1
         return report
+
+    def send_telemetry_file(self, path: Path | None, budget_bytes: int | None
+                            ) -> dict[str, Any]:
+        """The records written to the JSON-lines file ``path`` since the last call, as space
+        packets within ``budget_bytes`` (whole records, in order; one that does not fit is
+        counted and stays on board, in the file). Where the last call stopped is kept in the
+        state folder, so a restarted run does not send the same records again (a kill between
+        sending and keeping it sends some twice: telemetry is at least once)."""
+        if path is None:
+            return {"records": 0}
+        state = self.state_dir / "cfdp-telemetry.json"
+        offset = 0
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            kept = json.loads(state.read_text(encoding="utf-8"))
+            if kept["path"] == str(path):
+                offset = int(kept["offset"])
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if offset > size:  # a new file under the same name
+                    offset = 0
+                handle.seek(offset)
+                chunk = handle.read(size - offset)
+        except OSError as error:
+            raise StorageError(path, f"cannot read telemetry: {error.strerror or error}") \
+                from error
+        whole = chunk[:chunk.rfind(b"\n") + 1]  # a line being written is sent next time
+        records = read_jsonl(whole.decode("utf-8", "replace"), str(path))
+        report = self.send_telemetry(records, budget_bytes)
+        write_json(state, {"path": str(path), "offset": offset + len(whole)})
+        return {"records": report.records, "packets": report.packets, "bytes": report.bytes,
+                "left_on_board": report.dropped, "unsent": report.unsent,
+                "by_apid": {f"{apid:#05x}": n for apid, n in sorted(report.by_apid.items())}}
 
 
 # -- ground side -----------------------------------------------------------------------------------

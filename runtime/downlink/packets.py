@@ -139,6 +139,7 @@ class PackReport:
     packets: int = 0
     bytes: int = 0
     dropped: int = 0  # records that did not fit the budget
+    unsent: int = 0  # packets the link refused (the pass was over)
     by_apid: dict[int, int] = field(default_factory=dict)  # packets per APID
 
 
