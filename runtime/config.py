@@ -38,6 +38,9 @@ class EngineConfig:
     device: str = "cpu"
     threads: int | None = None
     batch: int = 8  # tiles per engine call
+    # Compiled engines (OpenVINO models, TensorRT plans) kept between runs; none: built on
+    # every start.
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in ("onnxruntime", "openvino", "tensorrt"):

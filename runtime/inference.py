@@ -211,5 +211,6 @@ def open_predictor(stage: StageConfig, telemetry: Telemetry | None = None) -> Pr
     """The predictor a stage's config asks for, falling back to its golden bundle (and saying
     so in telemetry) when the primary bundle is refused."""
     engine = open_engine(stage.bundle, stage.backend, stage.device, threads=stage.threads,
-                         batch_size=stage.batch, fallback=stage.golden, telemetry=telemetry)
+                         batch_size=stage.batch, fallback=stage.golden, telemetry=telemetry,
+                         cache_dir=stage.cache_dir)
     return Predictor(engine)

@@ -255,3 +255,25 @@ def test_kills_while_building_and_storing_the_cache_never_load_a_half_written_en
     assert seen["imported"] + seen["rebuilt"] == KILLS
     # The kills did land mid-store (a temporary file left behind), not only between stores.
     assert seen["partial_left"] >= 1
+
+
+def test_a_config_cache_dir_reaches_the_engine_of_the_stage(tmp_path: Path) -> None:
+    """``[cloud] cache_dir`` (relative to the config file) is where the stage's engine keeps its
+    compiled model: the second stage built from the same config imports it."""
+    from onboard.runtime.config import config_from_dict
+    from onboard.runtime.stages.base import StageContext
+    from onboard.runtime.stages.cloud import build_cloud_stage
+
+    config = config_from_dict({"cloud": {"bundle": str(BUNDLE), "backend": "openvino",
+                                         "threads": 1, "cache_dir": "engines"}}, base=tmp_path)
+    section = config.section("cloud")
+    assert section.cache_dir == tmp_path / "engines"
+    telemetry = Telemetry(None)
+    stages = [build_cloud_stage(section, StageContext(telemetry, tmp_path / "state"))
+              for _ in range(2)]
+    try:
+        assert [s.engine.from_cache for s in stages] == [False, True]
+        assert list((tmp_path / "engines").iterdir())
+    finally:
+        for stage in stages:
+            stage.engine.close()

@@ -382,7 +382,7 @@ def _latent_output(manifest: Manifest, where: str) -> str:
 def build_change_stage(config: ChangeConfig, context: StageContext) -> ChangeStage:
     engine = open_engine(config.bundle, config.backend, config.device, threads=config.threads,
                          batch_size=config.batch, fallback=config.golden,
-                         telemetry=context.telemetry)
+                         telemetry=context.telemetry, cache_dir=config.cache_dir)
     try:
         return change_stage(engine, config.store or context.state_dir / "reference",
                             k=config.k, min_clear_fraction=config.min_clear_fraction,

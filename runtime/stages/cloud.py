@@ -190,7 +190,7 @@ class CloudStage:
 def build_cloud_stage(config: CloudConfig, context: StageContext) -> CloudStage:
     engine = open_engine(config.bundle, config.backend, config.device, threads=config.threads,
                          batch_size=config.batch, fallback=config.golden,
-                         telemetry=context.telemetry)
+                         telemetry=context.telemetry, cache_dir=config.cache_dir)
     expected = float(getattr(engine.input_spec, "radiometric_offset", 0.0))
     if expected != context.radiometric_offset:
         engine.close()

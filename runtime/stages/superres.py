@@ -99,7 +99,8 @@ class SuperResolver:
                     ) -> SuperResolver:
         engine = open_engine(config.bundle, config.backend, config.device,
                              threads=config.threads, batch_size=config.batch,
-                             fallback=config.golden, telemetry=telemetry)
+                             fallback=config.golden, telemetry=telemetry,
+                             cache_dir=config.cache_dir)
         return cls(engine, overlap=config.overlap, halo=config.halo, batch=config.batch)
 
     def close(self) -> None:
