@@ -1,9 +1,12 @@
 """``onboard ground --listen HOST:PORT --out DIR``: the ground side of the CFDP downlink.
 
 Receives CFDP Class 2 transactions over UDP, stores each product once under its id in
-``DIR/store`` (SHA-256 checked against what the flight side sent), acknowledges it, and decodes
-the telemetry space packets to ``DIR/telemetry.jsonl``. It stops by itself: after ``--duration``
-seconds, after ``--idle-exit`` quiet seconds once something arrived, or on SIGTERM / SIGINT.
+``DIR/store`` (its SHA-256 checked against the one the flight side sent and the one its STAC
+Item states), acknowledges it, catalogues it (``DIR/catalogue.json``, a STAC ItemCollection
+with one Feature per product id; each Item in ``DIR/items``), and decodes the telemetry space
+packets to ``DIR/telemetry.jsonl``. It stops by itself: after ``--duration`` seconds, after
+``--idle-exit`` quiet seconds once something arrived, or on SIGTERM / SIGINT, and prints a JSON
+summary.
 
 ``onboard ground --decode PACKETS --out DIR`` decodes a file of concatenated telemetry space
 packets instead (no listening).

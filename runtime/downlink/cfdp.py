@@ -47,7 +47,8 @@ Work-arounds for cfdp-py 0.7.0, each where it is needed below:
 
 Protocol choices (measured in ``bench/cfdp.py``): NAKs are deferred to the EOF (``immediate_nak =
 false``: with immediate NAKs every reordered PDU was NAKed and sent twice), the ground holds an
-EOF that comes with gaps for ``eof_grace_s`` so PDUs reordered behind it are not NAKed, and up to
+EOF that comes with gaps for a grace (``eof_grace_packets``, ``eof_grace_s``) so PDUs reordered
+behind it are not NAKed, and up to
 ``window`` transactions overlap (the next product's file data goes out while the previous ones
 wait for their NAKs and Finished), so the link does not idle between products.
 """
@@ -177,9 +178,11 @@ class CfdpLinkConfig:
     # The ground NAKs a gap as soon as it sees one (True), or once the EOF came (False: a
     # reordered PDU fills its gap before anything is NAKed, so reordering costs nothing).
     immediate_nak: bool = False
-    # The ground holds an EOF that comes while its file still has gaps this long (or until they
-    # fill), so PDUs reordered behind the EOF arrive before the gaps are NAKed.
-    eof_grace_s: float = 0.02
+    # The ground holds an EOF that comes while its file still has gaps until they fill, or
+    # ``eof_grace_packets`` more packets came (of any transaction), or ``eof_grace_s`` passed,
+    # so that PDUs reordered behind the EOF arrive before their gaps are NAKed.
+    eof_grace_s: float = 0.05
+    eof_grace_packets: int = 16
 
     def __post_init__(self) -> None:
         for name in ("drop_rate", "directive_drop_rate", "telemetry_drop_rate", "reorder_rate",
@@ -207,6 +210,9 @@ class CfdpLinkConfig:
         if self.pass_budget_bytes is not None and self.pass_budget_bytes <= 0:
             raise ConfigError(f"cfdp pass_budget_bytes must be positive, got "
                               f"{self.pass_budget_bytes}")
+        if self.eof_grace_packets < 0:
+            raise ConfigError(f"cfdp eof_grace_packets must be at least 0, got "
+                              f"{self.eof_grace_packets}")
         if not 0.0 <= self.eof_grace_s < self.ack_timeout_s:
             raise ConfigError(f"cfdp eof_grace_s must be in [0, ack_timeout_s), got "
                               f"{self.eof_grace_s}")
@@ -1347,6 +1353,7 @@ class _GroundTransaction:
         self.item_broken = False
         self.held_eof: EofPdu | None = None  # an EOF that came with gaps, for the grace
         self.hold_until = 0.0
+        self.hold_until_packet = 0
         self._grace_over = False
         self.eof_seen = False
         self.eof: EofPdu | None = None
@@ -1366,6 +1373,8 @@ class _GroundTransaction:
                 # that what was reordered behind it fills its gaps instead of being NAKed.
                 if self.held_eof is None:
                     self.hold_until = self.last_heard + self.station.config.eof_grace_s
+                    self.hold_until_packet = (self.station.stats["pdus"]
+                                              + self.station.config.eof_grace_packets)
                 self.held_eof = pdu
                 return []
         if isinstance(pdu, EofPdu) and self.eof_seen and not self._forgot_eof:
@@ -1405,7 +1414,9 @@ class _GroundTransaction:
         return self.feed(eof) if eof is not None else []
 
     def poll(self) -> list[bytes]:
-        if self.held_eof is not None and time.monotonic() >= self.hold_until:
+        if self.held_eof is not None and (time.monotonic() >= self.hold_until
+                                          or self.station.stats["pdus"]
+                                          >= self.hold_until_packet):
             self.station.stats["eof_held"] += 1
             return self._release_eof()
         if self.handler.state == CfdpState.IDLE:
