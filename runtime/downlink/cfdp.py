@@ -547,8 +547,14 @@ class Impairments:
         return held
 
 
+# The radio's transmit buffer, in seconds of the link: it goes on sending while the flight CPU
+# is busy elsewhere for a moment (a checksum, a Finished to handle), so the link does not lose
+# that time for good; it never lets the sender beat the bitrate on average.
+_LINK_BUFFER_S = 0.01
+
+
 class _Pacer:
-    """Holds the sender to ``bitrate_bps`` (a token bucket of a few packets)."""
+    """Holds the sender to ``bitrate_bps`` (a token bucket of ``_LINK_BUFFER_S``)."""
 
     def __init__(self, bitrate_bps: float | None) -> None:
         self.bitrate = bitrate_bps
@@ -558,7 +564,7 @@ class _Pacer:
         if not self.bitrate:
             return
         now = time.monotonic()
-        self._free_at = max(self._free_at, now - 0.002) + nbytes * 8 / self.bitrate
+        self._free_at = max(self._free_at, now - _LINK_BUFFER_S) + nbytes * 8 / self.bitrate
         ahead = self._free_at - now
         if ahead > 0.001:
             time.sleep(ahead)
