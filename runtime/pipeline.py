@@ -1117,9 +1117,10 @@ def predict(request: PredictRequest, progress: Callable[[int, int], None] | None
                                    "nonfinite_output_tiles": predictor.checked.tiles}
         if classes:
             mask = product[0]
-            known = mask != NODATA_CLASS
+            counts = _class_counts(mask)
+            known = int(counts.sum() - counts[NODATA_CLASS])
             for value, name in sorted(spec.classes.items()):
-                fraction = float((mask[known] == value).mean()) if known.any() else 0.0
+                fraction = float(counts[value]) / known if known else 0.0
                 summary[f"{name}_fraction"] = round(fraction, 4)
             if request.png:
                 # A quick-look, not the product: every n-th pixel, at most PNG_EDGE px a side
@@ -1137,20 +1138,34 @@ def predict(request: PredictRequest, progress: Callable[[int, int], None] | None
         telemetry.close()
 
 
+def _class_counts(mask: np.ndarray) -> np.ndarray:
+    """Pixels per class value (256 bins), a band of rows at a time: bincount widens its input
+    to intp, and a mask-sized temporary at 32 768² would be another 8 GiB."""
+    counts = np.zeros(256, np.int64)
+    rows = max(1, 2**22 // max(1, mask.shape[1]))
+    for r in range(0, mask.shape[0], rows):
+        counts += np.bincount(mask[r:r + rows].reshape(-1), minlength=256)
+    return counts
+
+
 def _check_prediction(predictor: Any, product: np.ndarray, request: PredictRequest,
                       telemetry: Telemetry, warn: Callable[[str], None]) -> float:
     """The product's no-data fraction; warns of non-finite model output and refuses a product
     with no usable pixel at all (a mask of nothing but no data is not an answer)."""
-    classes = product.dtype == np.uint8
-    known = product[0] != NODATA_CLASS if classes else np.isfinite(product).all(axis=0)
-    nodata = 1.0 - float(known.mean())
+    if product.dtype == np.uint8:
+        counts = _class_counts(product[0])
+        usable = int(counts.sum() - counts[NODATA_CLASS])
+        nodata = 1.0 - usable / max(1, int(counts.sum()))
+    else:
+        usable = int(np.isfinite(product).all(axis=0).sum())
+        nodata = 1.0 - usable / max(1, product[0].size)
     checked = predictor.checked
     if checked.tiles:
         telemetry.emit("nonfinite_output", tiles=checked.tiles, pixels=checked.pixels,
                        tile_ids=checked.tile_ids, nodata_fraction=round(nodata, 6))
         warn(f"the model's output was not finite (NaN or infinite) for {checked.pixels} pixels "
              f"in {checked.tiles} tile(s); they are no data in the product")
-    if not known.any():
+    if not usable:
         telemetry.emit("predict_refused", reason="no usable pixel", nodata_fraction=1.0,
                        nonfinite_output_tiles=checked.tiles)
         why = "the model's output was not finite" if checked.tiles else \
