@@ -619,3 +619,48 @@ def test_onboard_run_downlinks_its_plan_and_telemetry_to_onboard_ground_over_udp
     assert tiles and all(r in decoded for r in tiles)
     assert ground_summary["telemetry"]["lost"] == ground_summary["telemetry"]["corrupt"] == 0
     assert ground_summary["catalogued"] == len(receiver.ids())
+
+
+def test_telemetry_is_sent_once_across_a_restart_and_within_its_budget(tmp_path: Path) -> None:
+    config = CfdpLinkConfig(**FAST)
+    log = tmp_path / "telemetry.jsonl"
+    telemetry = Telemetry(log)
+    for i in range(5):
+        telemetry.emit("tile", detail=True, id=f"x/{i}", values={"cloud": i / 7})
+    telemetry.sync()
+    ground = GroundStation(tmp_path / "ground", config)
+    first = CfdpTransmitter(config, SimulatedLink(ground, config), tmp_path / "flight")
+    assert first.send_telemetry_file(log, None)["records"] == 5
+    telemetry.emit("pass", window=0, chosen=3)
+    telemetry.sync()
+    # A restarted flight side (a new transmitter on the same state folder) sends only what is
+    # new, and its sequence counts run on: the ground sees no gap.
+    second = CfdpTransmitter(config, SimulatedLink(ground, config), tmp_path / "flight")
+    assert second.send_telemetry_file(log, None)["records"] == 1
+    assert second.send_telemetry_file(log, None)["records"] == 0
+    assert ground.records == read_jsonl(log.read_text(encoding="utf-8"))
+    assert ground.telemetry.report.lost == 0
+    # Over budget: whole records while they fit, the rest stays on board (in the file).
+    for i in range(20):
+        telemetry.emit("tile", detail=True, id=f"y/{i}", values={"cloud": i / 3})
+    telemetry.close()
+    sent = second.send_telemetry_file(log, 600)
+    assert sent["bytes"] <= 600 and sent["left_on_board"] > 0
+    assert sent["records"] + sent["left_on_board"] == 20
+
+
+def test_an_unreadable_product_fails_its_item_and_the_others_still_go(
+        products: list[tuple[str, Path]], tmp_path: Path) -> None:
+    some = products[:3]
+    gone = tmp_path / "gone.tif"
+    gone.write_bytes(some[0][1].read_bytes())
+    transmitter = open_transmitter(CfdpLinkConfig(**FAST), tmp_path)
+    with DownlinkQueue(tmp_path / "queue.sqlite") as queue:
+        enqueue(queue, [("gone", gone), *some[1:]])
+        gone.unlink()
+        report = drain(queue, transmitter, 10**9)
+        assert list(report.failed) == ["gone"] and "gone" in report.failed["gone"]
+        assert sorted(report.acknowledged) == sorted(i for i, _ in some[1:])
+        assert report.sent_bytes == report.acknowledged_bytes == sum(
+            p.stat().st_size for _, p in some[1:])  # the unreadable one spent nothing
+        assert queue.get("gone").state == "queued"

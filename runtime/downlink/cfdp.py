@@ -1193,8 +1193,12 @@ class CfdpTransmitter:
             return {"records": 0}
         state = self.state_dir / "cfdp-telemetry.json"
         offset = 0
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
             kept = json.loads(state.read_text(encoding="utf-8"))
+            if not self.packer.counts:
+                # The sequence counts run on across a restart: the ground reads a jump in
+                # them as packets lost.
+                self.packer.counts = {int(a): int(n) for a, n in kept["counts"].items()}
             if kept["path"] == str(path):
                 offset = int(kept["offset"])
         try:
@@ -1210,7 +1214,8 @@ class CfdpTransmitter:
         whole = chunk[:chunk.rfind(b"\n") + 1]  # a line being written is sent next time
         records = read_jsonl(whole.decode("utf-8", "replace"), str(path))
         report = self.send_telemetry(records, budget_bytes)
-        write_json(state, {"path": str(path), "offset": offset + len(whole)})
+        write_json(state, {"path": str(path), "offset": offset + len(whole),
+                           "counts": {str(a): n for a, n in self.packer.counts.items()}})
         return {"records": report.records, "packets": report.packets, "bytes": report.bytes,
                 "left_on_board": report.dropped, "unsent": report.unsent,
                 "by_apid": {f"{apid:#05x}": n for apid, n in sorted(report.by_apid.items())}}
