@@ -664,3 +664,38 @@ def test_an_unreadable_product_fails_its_item_and_the_others_still_go(
         assert report.sent_bytes == report.acknowledged_bytes == sum(
             p.stat().st_size for _, p in some[1:])  # the unreadable one spent nothing
         assert queue.get("gone").state == "queued"
+
+
+def test_file_data_that_overtakes_its_metadata_is_kept_not_sent_again(
+        products: list[tuple[str, Path]], tmp_path: Path) -> None:
+    """Each Metadata PDU arrives behind the first three file-data PDUs of its transaction:
+    cfdp-py alone drops file data that comes before the Metadata and NAKs it all again (with
+    16 KiB PDUs that was most of the file data re-sent beyond the loss); the ground keeps it
+    for the Metadata, so nothing is sent twice."""
+    some = products[:3]
+    transmitter = open_transmitter(CfdpLinkConfig(**FAST), tmp_path)
+    impairments = transmitter.link.down_impairments
+    apply = impairments.apply
+    held: list[bytes] = []
+    late: list[int] = []
+
+    def late_metadata(packet: bytes) -> list[bytes]:
+        header, data = split_packet(packet)
+        if header.apid == CFDP_DOWN_APID:
+            if PduFactory.pdu_directive_type(data) == DirectiveType.METADATA_PDU:
+                held.append(packet)
+                late.append(0)
+                return []
+            if held and not PduFactory.is_file_directive(data):
+                late[-1] += 1
+                if late[-1] == 3:
+                    return apply(packet) + apply(held.pop())
+        return apply(packet)
+
+    impairments.apply = late_metadata  # type: ignore[method-assign]
+    with DownlinkQueue(tmp_path / "queue.sqlite") as queue:
+        enqueue(queue, some)
+        assert len(drain(queue, transmitter, 10**9).acknowledged) == len(some)
+    assert late == [3, 3, 3]
+    assert transmitter.link.down.file_data_bytes == sum(p.stat().st_size for _, p in some)
+    assert_ground_has_exactly(tmp_path / "ground", some)

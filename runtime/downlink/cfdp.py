@@ -44,6 +44,10 @@ Work-arounds for cfdp-py 0.7.0, each where it is needed below:
 6. *While the Metadata PDU is missing, every file-data PDU adds an overlapping gap ``(0, n)``
    that is never merged* (found here, with deferred NAKs: each NAK round asks for the file once
    per PDU received, a storm of retransmissions): the ground merges the gap list.
+7. *File data that arrives before the Metadata PDU is dropped* and NAKed again once the EOF
+   shows the gap (a Metadata PDU reordered behind a few file-data PDUs cost their whole size
+   again: most of the excess re-sent with large PDUs): the ground keeps such file data for the
+   Metadata and hands it over behind it.
 
 Protocol choices (measured in ``bench/cfdp.py``): NAKs are deferred to the EOF (``immediate_nak =
 false``: with immediate NAKs every reordered PDU was NAKed and sent twice), the ground holds an
@@ -1348,6 +1352,9 @@ class _GroundUser(_QuietUser):
         self.transaction.complete(params.finished_params)
 
 
+_EARLY_PDUS = 256  # file-data PDUs a transaction keeps while its Metadata PDU is late
+
+
 class _GroundTransaction:
     """One transaction on the ground: its own handler, user and staging file."""
 
@@ -1363,6 +1370,7 @@ class _GroundTransaction:
         self.item: dict[str, Any] | None = None
         self.item_broken = False
         self.held_eof: EofPdu | None = None  # an EOF that came with gaps, for the grace
+        self.early: list[FileDataPdu] = []  # file data that came before the Metadata PDU
         self.hold_until = 0.0
         self.hold_until_packet = 0
         self._grace_over = False
@@ -1376,6 +1384,30 @@ class _GroundTransaction:
 
     def feed(self, pdu: Any) -> list[bytes]:
         self.last_heard = time.monotonic()
+        if self.handler.state == CfdpState.IDLE and not self.completed:
+            # File data that overtook the Metadata PDU (reordered behind it): cfdp-py would
+            # drop it and NAK the whole file up to it once the EOF came, so it waits here for
+            # the Metadata and is handed over behind it.
+            if isinstance(pdu, FileDataPdu) and len(self.early) < _EARLY_PDUS:
+                self.early.append(pdu)
+                return []
+            if isinstance(pdu, MetadataPdu):
+                out = self._feed(pdu)
+                early, self.early = self.early, []
+                for data in early:
+                    out += self._feed(data)
+                return out
+        if self.early:
+            # The Metadata is lost (an EOF came first) or too much came before it: what
+            # arrived goes to the handler in order, as without the wait.
+            early, self.early = self.early, []
+            out = []
+            for data in early:
+                out += self._feed(data)
+            return out + self._feed(pdu)
+        return self._feed(pdu)
+
+    def _feed(self, pdu: Any) -> list[bytes]:
         if isinstance(pdu, EofPdu):
             self.eof = pdu
             if not self.eof_seen and not self._grace_over and self._has_gaps(pdu) \
@@ -1422,7 +1454,7 @@ class _GroundTransaction:
     def _release_eof(self) -> list[bytes]:
         eof, self.held_eof = self.held_eof, None
         self._grace_over = True
-        return self.feed(eof) if eof is not None else []
+        return self._feed(eof) if eof is not None else []
 
     def poll(self) -> list[bytes]:
         if self.held_eof is not None and (time.monotonic() >= self.hold_until
