@@ -107,8 +107,10 @@ class Config:
         return () if spec.many else build(spec.cls, {}, f"[{name}]", Path("."))
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and check a config file; errors name the file, the section and the key."""
+def load_config(path: str | Path,
+                overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read and check a config file; errors name the file, the section and the key.
+    ``overrides`` (section -> key -> value, from the command line) replace those keys."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -120,6 +122,11 @@ def load_config(path: str | Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    for section, keys in (overrides or {}).items():
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] is not a table; cannot override {keys}")
+        table.update(keys)
     return config_from_dict(data, base=path.parent, where=str(path), path=path)
 
 

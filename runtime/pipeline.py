@@ -38,6 +38,7 @@ from onboard.runtime.aoi import AoiConfig, AreaOfInterest
 from onboard.runtime.bundle.signature import TrustPolicy, trusting
 from onboard.runtime.config import Config, load_config, register_section
 from onboard.runtime.downlink import cfdp as _cfdp  # also registers [cfdp]
+from onboard.runtime.downlink.link import link_cost
 from onboard.runtime.downlink.planner import (
     Candidate,
     ContactWindow,
@@ -784,8 +785,9 @@ class PassRunner:
                 names = tuple(pooled.layers) if kind == "mask" else (
                     self.products_config.thumbnail_bands if kind == "thumbnail" else
                     self.products_config.superres_bands if kind == "superres" else bands)
-                sizes[kind] = self.maker.sizes.estimate(kind, (h, w), list(names),
-                                                        self.products_config.thumbnail_scale)
+                # Planned as what it spends of the pass: with the link's own overhead.
+                sizes[kind] = link_cost(self.transmitter, self.maker.sizes.estimate(
+                    kind, (h, w), list(names), self.products_config.thumbnail_scale))
             for candidate in candidates_for(pooled.score, sizes, now, pooled.acquisition.acquired,
                                             self.planner_config):
                 if candidate.value > 1e-9:  # aged past any use: not worth a byte or a row
@@ -810,7 +812,8 @@ class PassRunner:
                     product = self._make(candidate)
                     if product is not None:
                         made[candidate.product_id] = product
-            chosen_plan = repack(chosen_plan, {p: m.size for p, m in made.items()})
+            chosen_plan = repack(chosen_plan, {p: link_cost(self.transmitter, m.size)
+                                               for p, m in made.items()})
             if all(c.product_id in made for c in chosen_plan.chosen()):
                 break
         # The plan of record chooses among the products that exist, at their real sizes, so
@@ -866,7 +869,7 @@ class PassRunner:
 
             start_pass = getattr(self.transmitter, "start_pass", None)
             if start_pass is not None:  # a link with its own notion of the pass (CFDP)
-                start_pass(window.budget_bytes)
+                start_pass(window.capacity_bytes)
             send_telemetry = getattr(self.transmitter, "send_telemetry_file", None)
             if send_telemetry is not None:
                 # Telemetry as space packets first at each contact, within its own budget per
@@ -1011,10 +1014,12 @@ def _count(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
 
 
 def run(config_path: str | Path, out: str | Path,
-        progress: Callable[[str, int, int], None] | None = None) -> RunResult:
+        progress: Callable[[str, int, int], None] | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None) -> RunResult:
     """``onboard run``: every acquisition of the config's source through the stages, each
-    contact window planned, its products made, queued and (with a link) sent."""
-    config = load_config(config_path)
+    contact window planned, its products made, queued and (with a link) sent. ``overrides``
+    replace config keys (section -> key -> value)."""
+    config = load_config(config_path, overrides)
     runner = PassRunner(config, Path(out), progress)
     try:
         result = runner.run()

@@ -699,3 +699,39 @@ def test_file_data_that_overtakes_its_metadata_is_kept_not_sent_again(
     assert late == [3, 3, 3]
     assert transmitter.link.down.file_data_bytes == sum(p.stat().st_size for _, p in some)
     assert_ground_has_exactly(tmp_path / "ground", some)
+
+
+def test_the_sample_passes_fit_a_lossy_cfdp_link_with_its_overhead_planned(tmp_path: Path
+                                                                           ) -> None:
+    """The sample's small products each carry a Metadata PDU with their STAC Item: planned at
+    product bytes alone, each pass overran its window and its last transfers were cut. Planned
+    and drained at what they spend of the link (the transmitter's stated overhead), every
+    planned product of both passes is acknowledged at 5 % loss with reordering, within the
+    plan's budget and the link's capacity."""
+    from onboard.runtime import pipeline
+
+    pipeline.run(pipeline.SAMPLE_CONFIG, tmp_path / "run", overrides={
+        "link": {"kind": "cfdp"},
+        "cfdp": {"transport": "simulated", "drop_rate": 0.05, "reorder_rate": 0.1}})
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    windows = summary["plan"]["windows"]
+    assert len(windows) == 2
+    for window in windows:
+        link = window["link"]
+        assert link["not_acknowledged"] == 0 and not link["failed"], link
+        assert link["acknowledged"] >= 40
+        assert link["sent_bytes"] < link["charged_bytes"] <= link["budget_bytes"]
+        capacity = 60 * 38400 // 8
+        assert link["link_bytes"] <= capacity
+
+
+def test_onboard_run_cfdp_option_names_a_ground_address() -> None:
+    from onboard.runtime.cli.run import cfdp_overrides
+    from onboard.runtime.errors import ConfigError
+
+    assert cfdp_overrides("127.0.0.1:52001") == {
+        "link": {"kind": "cfdp"}, "cfdp": {"transport": "udp", "host": "127.0.0.1",
+                                           "port": 52001}}
+    for bad in ("52001", "host:", "host:port", "host:70000"):
+        with pytest.raises(ConfigError, match="--cfdp takes HOST:PORT"):
+            cfdp_overrides(bad)

@@ -103,6 +103,7 @@ from spacepackets.cfdp import (
     TransactionId,
     TransmissionMode,
 )
+from spacepackets.cfdp.defs import UnsupportedCfdpVersionError
 from spacepackets.cfdp.pdu import (
     AckPdu,
     EofPdu,
@@ -112,6 +113,7 @@ from spacepackets.cfdp.pdu import (
     TransactionStatus,
 )
 from spacepackets.cfdp.pdu.file_data import FileDataParams
+from spacepackets.cfdp.tlv.defs import TlvTypeMissmatchError
 from spacepackets.countdown import Countdown
 from spacepackets.seqcount import ProvidesSeqCount
 from spacepackets.util import UnsignedByteField
@@ -138,6 +140,8 @@ from onboard.runtime.telemetry import Telemetry
 
 _CHECKSUMS = {"crc32": ChecksumType.CRC_32, "crc32c": ChecksumType.CRC_32C,
               "modular": ChecksumType.MODULAR, "null": ChecksumType.NULL_CHECKSUM}
+
+SPACE_PACKET_HEADER = 6  # octets: the CCSDS primary header around every PDU
 
 
 @dataclass(frozen=True)
@@ -258,7 +262,10 @@ _PDU_REFUSED = (cfdp_errors.PduIgnoredForSource, cfdp_errors.PduIgnoredForDest,
                 cfdp_errors.InvalidPduDirection, cfdp_errors.InvalidPduForSourceHandler,
                 cfdp_errors.InvalidPduForDestHandler, cfdp_errors.NoRemoteEntityConfigFound)
 # What decoding bytes off the link may raise: the link is not trusted.
-_UNDECODABLE = (InvalidCrcError, ValueError, IndexError, KeyError)
+# A damaged PDU can raise any of these from spacepackets; the last two do not derive from
+# ValueError (a flipped version bit raises UnsupportedCfdpVersionError).
+_UNDECODABLE = (InvalidCrcError, ValueError, IndexError, KeyError,
+                UnsupportedCfdpVersionError, TlvTypeMissmatchError)
 
 _TAG_ID = b"onboard:id:"
 _TAG_SHA = b"onboard:sha256:"
@@ -913,9 +920,36 @@ class CfdpTransmitter:
         self.finished_reacked = 0
         self.eof_resent = 0
         self.items_too_big = 0  # STAC Items left out of a Metadata PDU they would not fit
+        # Metadata PDUs' octets so far (sum, count), and the product bytes begun, for what the
+        # next product will cost the pass.
+        self._metadata_octets = (0, 0)
+        self._product_bytes = 0
 
     def send(self, item_id: str, path: Path, sha256: str) -> bool:
         return self.transfer(item_id, path, sha256).acknowledged
+
+    def overhead_bytes(self, nbytes: int) -> int:
+        """Octets a product of ``nbytes`` puts on the downlink beyond its own: a Space Packet
+        and PDU header per file-data segment, its Metadata PDU (the STAC Item in it: the mean of
+        those sent so far) and its EOF. The planner and the drain charge it with the product,
+        so a pass of many small products still fits its window. Retransmissions are charged at
+        the share of file data re-sent so far (before any: the simulator's loss rate, none on a
+        real link, whose loss the pass's margin covers)."""
+        c = self.config
+        header = 4 + 2 * c.entity_id_bytes + 4 + 2 * c.pdu_crc  # PDU header and CRC
+        per_segment = SPACE_PACKET_HEADER + header + 4  # + the segment's 4-octet offset
+        segment = max(1, c.pdu_size - header - 4)
+        if self._product_bytes:
+            resent = max(0.0, self.link.down.file_data_bytes / self._product_bytes - 1.0)
+        else:
+            resent = c.drop_rate
+        sent = int(nbytes) * (1.0 + resent)
+        segments = max(1.0, sent / segment)
+        total, count = self._metadata_octets
+        # Before any product was sent: a tile's Item, compressed, is about 600 octets.
+        metadata = total / count if count else SPACE_PACKET_HEADER + header + 12 + 100 + 600
+        eof = SPACE_PACKET_HEADER + header + 1 + 1 + 4 + 8
+        return int(round(sent - int(nbytes) + segments * per_segment + metadata + eof))
 
     def start_pass(self, budget_bytes: int | None) -> None:
         self.link.start_pass(budget_bytes)
@@ -1020,6 +1054,10 @@ class CfdpTransmitter:
             # checked by its SHA-256 as before.
             self.items_too_big += 1
             messages = _tags(item_id, sha256)
+        self._product_bytes += nbytes
+        total, count = self._metadata_octets
+        self._metadata_octets = (total + SPACE_PACKET_HEADER + (c.pdu_size - room) + sum(
+            2 + len(m.value) for m in messages), count + 1)
         slot.user.files.names = {Path(dest): path}
         request = PutRequest(destination_id=self.config.ground_id, source_file=Path(dest),
                              dest_file=Path(dest),

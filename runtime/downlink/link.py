@@ -171,6 +171,7 @@ class DrainReport:
 
     budget_bytes: int
     sent_bytes: int = 0
+    charged_bytes: int = 0  # what the budget was charged: products and the link's overhead
     acknowledged_bytes: int = 0
     link_bytes: int | None = None
     acknowledged: list[str] = field(default_factory=list)
@@ -180,10 +181,18 @@ class DrainReport:
 
     def to_dict(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "sent_bytes": self.sent_bytes,
+                "charged_bytes": self.charged_bytes,
                 "acknowledged_bytes": self.acknowledged_bytes, "link_bytes": self.link_bytes,
                 "acknowledged": len(self.acknowledged),
                 "not_acknowledged": len(self.not_acknowledged), "failed": dict(self.failed),
                 "left_for_later": self.left_for_later}
+
+
+def link_cost(transmitter: object | None, nbytes: int) -> int:
+    """What sending a product of ``nbytes`` spends of a pass: its bytes and, on a link that
+    states one (``overhead_bytes``: CFDP's headers, Metadata and EOF), the link's overhead."""
+    overhead = getattr(transmitter, "overhead_bytes", None)
+    return int(nbytes) + (int(overhead(int(nbytes))) if callable(overhead) else 0)
 
 
 def _link_bytes(transmitter: Transmitter) -> int | None:
@@ -204,28 +213,31 @@ def drain(queue: DownlinkQueue, transmitter: Transmitter, budget_bytes: int,
     left = int(budget_bytes)
     link0 = _link_bytes(transmitter)
     pending = iter(queue.next())
-    started: dict[str, QueueItem] = {}
+    started: dict[str, tuple[QueueItem, int]] = {}
 
     def pull() -> tuple[str, Path, str] | None:
         nonlocal left
         for item in pending:
-            if item.nbytes > left:
+            cost = link_cost(transmitter, item.nbytes)
+            if cost > left:
                 report.left_for_later += 1
                 continue
             queue.mark_sending(item.id)
-            left -= item.nbytes
+            left -= cost
             report.sent_bytes += item.nbytes
-            started[item.id] = item
+            report.charged_bytes += cost
+            started[item.id] = item, cost
             return item.id, item.path, item.sha256
         return None
 
     def settle(item_id: str, acknowledged: bool, on_link: bool = True,
                error: str | None = None) -> None:
         nonlocal left
-        item = started.pop(item_id)
+        item, cost = started.pop(item_id)
         if not on_link:
-            left += item.nbytes
+            left += cost
             report.sent_bytes -= item.nbytes
+            report.charged_bytes -= cost
         if error is not None:
             # A product the link cannot read stays queued and the pass goes on; the error is
             # in the report, never swallowed.

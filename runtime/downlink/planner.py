@@ -87,7 +87,13 @@ class ContactWindow:
 
     @property
     def budget_bytes(self) -> int:
-        return int(self.duration_s * self.bitrate_bps / 8 * (1 - self.margin))
+        return int(self.capacity_bytes * (1 - self.margin))
+
+    @property
+    def capacity_bytes(self) -> int:
+        """What the link itself carries in the window: the margin is kept back from the plan,
+        not from the link, so that overhead beyond the estimate still goes down."""
+        return int(self.duration_s * self.bitrate_bps / 8)
 
     @property
     def end(self) -> datetime:
