@@ -141,8 +141,10 @@ def throughput_chart(rows: list[dict[str, Any]], path: Path) -> bool:
     high = np.log10(max(r["mpx_s"] for r in measured) * 1.5)
     for i, r in enumerate(measured):
         y = 28 + row_h * i
-        draw.text((6, y + 4), _ascii(f"{r['model']} {r.get('backend')} {r.get('precision')} "
-                                     f"{r.get('threads')}t")[:70], fill="black")
+        via = " (from ONNX)" if r.get("how") == "from the ONNX model" else ""
+        draw.text((6, y + 4), _ascii(f"{r['model']} {r.get('backend')}{via} "
+                                     f"{r.get('precision')} {r.get('threads')}t")[:70],
+                  fill="black")
         length = max(int(bar_w * (np.log10(r["mpx_s"]) - low) / (high - low)), 2)
         colour = ORANGE if r.get("peer_of") else BLUE
         draw.rectangle([label_w, y + 3, label_w + length, y + row_h - 3], fill=colour)
@@ -170,8 +172,10 @@ def latency_chart(rows: list[dict[str, Any]], path: Path) -> bool:
 
     for i, r in enumerate(measured):
         y = 28 + row_h * i
-        draw.text((6, y + 4), _ascii(f"{r['model']} {r.get('backend')} {r.get('precision')} "
-                                     f"{r.get('threads')}t")[:70], fill="black")
+        via = " (from ONNX)" if r.get("how") == "from the ONNX model" else ""
+        draw.text((6, y + 4), _ascii(f"{r['model']} {r.get('backend')}{via} "
+                                     f"{r.get('precision')} {r.get('threads')}t")[:70],
+                  fill="black")
         colour = ORANGE if r.get("peer_of") else BLUE
         draw.rectangle([label_w, y + 4, max(x(r["p50_ms"]), label_w + 2), y + row_h - 4],
                        fill=colour)
