@@ -798,6 +798,21 @@ class PassRunner:
     def _contact(self, window: ContactWindow) -> None:
         index = len(self.window_summaries)
         now = as_utc(window.start)
+        telemetry_link = None
+        if self.transmitter is not None:
+            start_pass = getattr(self.transmitter, "start_pass", None)
+            if start_pass is not None:  # a link with its own notion of the pass (CFDP)
+                start_pass(window.capacity_bytes)
+            send_telemetry = getattr(self.transmitter, "send_telemetry_file", None)
+            if send_telemetry is not None:
+                # Telemetry as space packets first at each contact, within its own budget per
+                # pass and the window's: what was written since the last contact (this pass's
+                # tiles, the last pass's downlink records). The products are planned in what
+                # it leaves of the window.
+                self.telemetry.sync()
+                telemetry_link = send_telemetry(
+                    self.telemetry.path, min(self.telemetry.budget_bytes, window.budget_bytes))
+                window = replace(window, reserved_bytes=int(telemetry_link.get("bytes", 0)))
         candidates = self._candidates(now)
         self.all_candidates.extend(candidates)
         chosen_plan = plan(candidates, [window], self.planner_config)
@@ -864,20 +879,11 @@ class PassRunner:
                    "planner_value_on_estimates": estimated_value, "exact_optimum": optimum,
                    "downlink_everything_value": chosen_plan.baseline_value,
                    "downlink_everything_bytes": chosen_plan.baseline_bytes}
+        if telemetry_link is not None:
+            summary["telemetry_link"] = telemetry_link
         if self.transmitter is not None:
             from onboard.runtime.downlink.link import drain
 
-            start_pass = getattr(self.transmitter, "start_pass", None)
-            if start_pass is not None:  # a link with its own notion of the pass (CFDP)
-                start_pass(window.capacity_bytes)
-            send_telemetry = getattr(self.transmitter, "send_telemetry_file", None)
-            if send_telemetry is not None:
-                # Telemetry as space packets first at each contact, within its own budget per
-                # pass: what was written since the last contact (this pass's tiles, the last
-                # pass's downlink records).
-                self.telemetry.sync()
-                summary["telemetry_link"] = send_telemetry(self.telemetry.path,
-                                                           self.telemetry.budget_bytes)
             report = drain(self.queue, self.transmitter, window.budget_bytes, self.telemetry)
             summary["link"] = report.to_dict()
             self.link_report["sent"] += len(report.acknowledged) + len(report.not_acknowledged)

@@ -707,7 +707,7 @@ def test_the_sample_passes_fit_a_lossy_cfdp_link_with_its_overhead_planned(tmp_p
     product bytes alone, each pass overran its window and its last transfers were cut. Planned
     and drained at what they spend of the link (the transmitter's stated overhead), every
     planned product of both passes is acknowledged at 5 % loss with reordering, within the
-    plan's budget and the link's capacity."""
+    plan's budget and, with the telemetry sent first, the link's capacity."""
     from onboard.runtime import pipeline
 
     pipeline.run(pipeline.SAMPLE_CONFIG, tmp_path / "run", overrides={
@@ -721,8 +721,12 @@ def test_the_sample_passes_fit_a_lossy_cfdp_link_with_its_overhead_planned(tmp_p
         assert link["not_acknowledged"] == 0 and not link["failed"], link
         assert link["acknowledged"] >= 40
         assert link["sent_bytes"] < link["charged_bytes"] <= link["budget_bytes"]
-        capacity = 60 * 38400 // 8
-        assert link["link_bytes"] <= capacity
+        # The telemetry goes first and the products are planned in what it leaves: both
+        # together within what the window carries.
+        telemetry = window["telemetry_link"]["bytes"]
+        assert telemetry > 0
+        assert window["budget_bytes"] == int(60 * 38400 / 8 * 0.95) - telemetry
+        assert telemetry + link["link_bytes"] <= 60 * 38400 // 8
 
 
 def test_onboard_run_cfdp_option_names_a_ground_address() -> None:

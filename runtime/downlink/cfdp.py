@@ -622,20 +622,19 @@ class _LinkBase:
         return self._budget_left is not None and self._budget_left <= 0
 
     def _admit(self, packet: bytes) -> bool:
-        """Count a CFDP packet against the pass's product budget; False (and the pass is over)
-        when it does not fit. Telemetry has a budget of its own (the packer keeps to it)."""
+        """Count a packet against the pass's bytes; False (and the pass is over) when it does
+        not fit. Telemetry shares the window with the products: it goes first at each contact,
+        within its own budget too (the packer keeps to it), and the pass plans the products in
+        what it leaves."""
         telemetry = len(packet) > 1 and ((packet[0] & 0x07) << 8 | packet[1]) != CFDP_DOWN_APID
-        if telemetry:
-            if self.closed:
-                self.down.refused_after_pass += 1
-                return False
-            self.down.telemetry_bytes += len(packet)
-        elif self._budget_left is not None:
+        if self._budget_left is not None:
             if len(packet) > self._budget_left:
                 self._budget_left = 0
                 self.down.refused_after_pass += 1
                 return False
             self._budget_left -= len(packet)
+        if telemetry:
+            self.down.telemetry_bytes += len(packet)
         self.pacer.wait(len(packet))
         self.down.packets += 1
         self.down.bytes += len(packet)

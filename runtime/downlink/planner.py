@@ -73,8 +73,13 @@ class ContactWindow:
     duration_s: float
     bitrate_bps: float
     margin: float = 0.05
+    # Bytes of the window already spent before products (the telemetry sent first at contact).
+    reserved_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if self.reserved_bytes < 0:
+            raise ConfigError(f"contact window at {self.start}: reserved_bytes must be >= 0, got "
+                              f"{self.reserved_bytes}")
         if not (self.duration_s >= 0 and math.isfinite(self.duration_s)):
             raise ConfigError(f"contact window at {self.start}: duration_s must be a finite "
                               f"number >= 0, got {self.duration_s}")
@@ -87,7 +92,7 @@ class ContactWindow:
 
     @property
     def budget_bytes(self) -> int:
-        return int(self.capacity_bytes * (1 - self.margin))
+        return max(0, int(self.capacity_bytes * (1 - self.margin)) - self.reserved_bytes)
 
     @property
     def capacity_bytes(self) -> int:
@@ -102,7 +107,8 @@ class ContactWindow:
     def to_dict(self) -> dict[str, Any]:
         return {"start": as_utc(self.start).isoformat(), "end": as_utc(self.end).isoformat(),
                 "duration_s": self.duration_s, "bitrate_bps": self.bitrate_bps,
-                "margin": self.margin, "budget_bytes": self.budget_bytes}
+                "margin": self.margin, "reserved_bytes": self.reserved_bytes,
+                "budget_bytes": self.budget_bytes}
 
 
 @dataclass(frozen=True)
