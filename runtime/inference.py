@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from onboard.runtime.errors import ConfigError, EngineInputError
 from onboard.runtime.frame import Frame
 from onboard.runtime.sources.base import Scene, Tile, iter_tiles
 from onboard.runtime.telemetry import Telemetry
-from onboard.runtime.windows import Stitcher, TileGrid
+from onboard.runtime.windows import Stitcher, StreamingStitcher, TileGrid
 
 if TYPE_CHECKING:  # the config module imports the stages, which import this one
     from onboard.runtime.config import StageConfig
@@ -205,6 +205,31 @@ class Predictor:
             if progress:
                 progress(done, len(grid))
         return stitcher.out
+
+
+    def stream_classes(self, scene: Scene, overlap: int = 16, batch_size: int = 4,
+                       errors: list | None = None,
+                       progress: Callable[[int, int], None] | None = None, block: int = 256
+                       ) -> tuple[StreamingStitcher, Iterator[np.ndarray]]:
+        """The class mask of a whole scene as row-major ``block`` × ``block`` pieces (no data
+        past the edges and where a tile cannot be read), the model run tile by tile as the
+        pieces are pulled: the mask of a large scene is never whole in memory."""
+        if self.output.kind not in ("classes", "labels") or self.output.scale_factor != 1:
+            raise ConfigError(f"{self.engine.bundle.path}: only class masks stream; this "
+                              f"bundle gives {self.output.kind}")
+        size = self.tile_size
+        grid = TileGrid(scene.height, scene.width, size, check_overlap(overlap, size))
+        stitcher = StreamingStitcher(grid, 1, np.uint8, 1, block=block, fill=NODATA_CLASS)
+        total = len(grid)
+
+        def results() -> Iterator[tuple[Any, np.ndarray]]:
+            tiles = iter_tiles(scene, grid.tile, grid.overlap, errors=errors)
+            for done, (tile, product) in enumerate(self.predict_tiles(tiles, batch_size), 1):
+                if progress:
+                    progress(done, total)
+                yield tile.placement, product
+
+        return stitcher, stitcher.stream(results())
 
 
 def open_predictor(stage: StageConfig, telemetry: Telemetry | None = None) -> Predictor:

@@ -1102,18 +1102,33 @@ def predict(request: PredictRequest, progress: Callable[[int, int], None] | None
         check_overlap(request.overlap, engine.input_spec.tile_size, "--overlap")
         predictor = Predictor(engine, scale=request.scale)
         errors: list[SceneError] = []
-        product = predictor.predict_scene(scene, request.overlap, request.batch, errors,
-                                          progress)
+        spec = engine.output_spec
+        classes = spec.kind == "classes"
+        streamed = None
+        if classes and spec.scale_factor == 1:
+            # Streamed: the mask is kept as compressed pieces while the stats and the preview
+            # are taken, then written once its verdict is known (it goes in the file).
+            stitcher, pieces = predictor.stream_classes(scene, request.overlap, request.batch,
+                                                        errors, progress)
+            streamed = _StreamedMask(scene.height, scene.width, stitcher.block,
+                                     max(1, -(-max(scene.height, scene.width) // PNG_EDGE)))
+            streamed.take(pieces)
+            product: Any = streamed.pieces()
+            counts = streamed.counts
+        else:
+            product = predictor.predict_scene(scene, request.overlap, request.batch, errors,
+                                              progress)
+            counts = _class_counts(product[0]) if product.dtype == np.uint8 else None
         for error in errors:
             telemetry.emit("tile_error", error=type(error).__name__, message=str(error))
             warn(str(error))
-        spec = engine.output_spec
-        nodata = _check_prediction(predictor, product, request, telemetry, warn)
+        nodata = _check_prediction(predictor, product, counts, request, telemetry, warn)
         georef = scene.georef
         if georef is not None and spec.scale_factor != 1:
             georef = Georef(georef.crs, georef.transform.scaled(spec.scale_factor))
-        classes = spec.kind == "classes"
         names = ["class"] if classes else [f"value{i}" for i in range(product.shape[0])]
+        shape = dict(shape=(1, scene.height, scene.width), dtype=np.uint8,
+                     tile=streamed.block) if streamed is not None else {}
         write_geotiff(request.out, product, names, georef, acquired=scene.acquired,
                       source_id=str(request.input),
                       extra={"bundle": engine.manifest.name,
@@ -1122,13 +1137,11 @@ def predict(request: PredictRequest, progress: Callable[[int, int], None] | None
                              "classes": {str(k): v for k, v in spec.classes.items()},
                              "nodata_class": NODATA_CLASS if classes else None,
                              "nodata_fraction": round(nodata, 6),
-                             "nonfinite_output_tiles": predictor.checked.tiles})
+                             "nonfinite_output_tiles": predictor.checked.tiles}, **shape)
         summary: dict[str, Any] = {"out": str(request.out), "tiles_failed": len(errors),
                                    "nodata_fraction": round(nodata, 4),
                                    "nonfinite_output_tiles": predictor.checked.tiles}
-        if classes:
-            mask = product[0]
-            counts = _class_counts(mask)
+        if classes and counts is not None:
             known = int(counts.sum() - counts[NODATA_CLASS])
             for value, name in sorted(spec.classes.items()):
                 fraction = float(counts[value]) / known if known else 0.0
@@ -1136,9 +1149,12 @@ def predict(request: PredictRequest, progress: Callable[[int, int], None] | None
             if request.png:
                 # A quick-look, not the product: every n-th pixel, at most PNG_EDGE px a side
                 # (the full RGB of a 32 768² mask alone is 3 GiB).
-                step = max(1, -(-max(mask.shape) // PNG_EDGE))
-                summary["png"] = str(write_mask_png(request.out.with_suffix(".png"),
-                                                    mask[::step, ::step]))
+                if streamed is not None:
+                    preview = streamed.preview
+                else:
+                    step = max(1, -(-max(product.shape[1:]) // PNG_EDGE))
+                    preview = product[0][::step, ::step]
+                summary["png"] = str(write_mask_png(request.out.with_suffix(".png"), preview))
         else:
             summary["min"] = float(np.nanmin(product))
             summary["max"] = float(np.nanmax(product))
@@ -1159,12 +1175,42 @@ def _class_counts(mask: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _check_prediction(predictor: Any, product: np.ndarray, request: PredictRequest,
-                      telemetry: Telemetry, warn: Callable[[str], None]) -> float:
-    """The product's no-data fraction; warns of non-finite model output and refuses a product
-    with no usable pixel at all (a mask of nothing but no data is not an answer)."""
-    if product.dtype == np.uint8:
-        counts = _class_counts(product[0])
+class _StreamedMask:
+    """A class mask streamed in row-major ``block`` × ``block`` pieces, kept zstd-compressed
+    (a 32 768² mask is 1 GiB raw and a few MB so), with its class counts and an every
+    ``step``-th pixel preview taken as the pieces pass."""
+
+    def __init__(self, height: int, width: int, block: int, step: int) -> None:
+        self.height, self.width, self.block, self.step = height, width, block, step
+        self.counts = np.zeros(256, np.int64)
+        self.preview = np.full((-(-height // step), -(-width // step)), NODATA_CLASS, np.uint8)
+        self.blobs: list[bytes] = []
+
+    def take(self, pieces: Iterable[np.ndarray]) -> None:
+        columns = -(-self.width // self.block)
+        for i, piece in enumerate(pieces):
+            r0, c0 = (i // columns) * self.block, (i % columns) * self.block
+            inside = piece[: self.height - r0, : self.width - c0]  # not the padding
+            self.counts += np.bincount(inside.reshape(-1), minlength=256)
+            rows, cols = (-r0) % self.step, (-c0) % self.step
+            sample = inside[rows :: self.step, cols :: self.step]
+            top, left = (r0 + rows) // self.step, (c0 + cols) // self.step
+            self.preview[top : top + sample.shape[0], left : left + sample.shape[1]] = sample
+            self.blobs.append(imagecodecs.zstd_encode(np.ascontiguousarray(piece), 3))
+
+    def pieces(self) -> Iterator[np.ndarray]:
+        shape = (self.block, self.block)
+        for blob in self.blobs:
+            yield np.frombuffer(imagecodecs.zstd_decode(blob), np.uint8).reshape(shape)
+
+
+def _check_prediction(predictor: Any, product: Any, counts: np.ndarray | None,
+                      request: PredictRequest, telemetry: Telemetry,
+                      warn: Callable[[str], None]) -> float:
+    """The product's no-data fraction (from its class ``counts`` for a mask); warns of
+    non-finite model output and refuses a product with no usable pixel at all (a mask of
+    nothing but no data is not an answer)."""
+    if counts is not None:
         usable = int(counts.sum() - counts[NODATA_CLASS])
         nodata = 1.0 - usable / max(1, int(counts.sum()))
     else:

@@ -168,3 +168,24 @@ def test_pass_quicklook_of_a_large_scene_is_subsampled():
     score = TileScore("big/0_0", "big", (0, 0, 1000, 1500))
     image = render_pass_quicklook(rgb, None, [score], ["big/0_0"], target_size=768)
     assert image.shape[0] == 667 and image.shape[1] < 1200
+
+
+def test_a_tall_image_is_filtered_in_bands_and_round_trips(tmp_path, shared_data):
+    """Rows are filtered and compressed 256 at a time (memory); the Up filter of a band's first
+    row looks at the last row of the band before, so a real image taller than a band decodes
+    exactly, through two decoders."""
+    from onboard.runtime.downlink.quicklook import stretch_rgb
+
+    scene = open_scene(shared_data / "oscd" / "dubai" / "imgs_1")
+    frame = scene.read(Window(0, 0, scene.height, scene.width))
+    image = stretch_rgb(frame.select(["red", "green", "blue"]).pixels)
+    assert image.shape[0] > 2 * 256
+    path = write_png(tmp_path / "tall.png", image)
+    assert np.array_equal(imagecodecs.png_decode(path.read_bytes()), image)
+    from PIL import Image
+
+    with Image.open(path) as decoded:
+        assert np.array_equal(np.asarray(decoded), image)
+    _, _, _, raw = _decode(path.read_bytes())
+    filters = np.frombuffer(raw, np.uint8).reshape(image.shape[0], -1)[:, 0]
+    assert {1, 2} & set(filters[256::256])  # band-first rows filtered too, not only "none"

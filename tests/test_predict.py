@@ -167,3 +167,39 @@ def test_stage_config_falls_back_to_the_golden_bundle(tmp_path, cloud_bundle):
     refused = [e for e in telemetry.events if e["event"] == "bundle_refused"]
     assert len(refused) == 1 and refused[0]["path"] == str(damaged)
     predictor.engine.close()
+
+
+def test_the_streamed_mask_equals_the_whole_scene_prediction(tmp_path, predictor, shared_data,
+                                                             monkeypatch):
+    """``onboard predict`` streams a class mask (compressed pieces, never the whole raw mask):
+    on a real scene whose sides are not multiples of the piece size, the file, the class
+    fractions and the preview equal those of the whole-scene prediction in memory."""
+    from onboard.runtime import pipeline
+    from onboard.runtime.pipeline import PredictRequest
+    from onboard.runtime.sources.oscd import open_scene
+
+    scene_dir = shared_data / "oscd" / "bercy" / "imgs_1"
+    monkeypatch.setattr(pipeline, "PNG_EDGE", 100)  # a preview that samples every 4th pixel
+    out = tmp_path / "mask.tif"
+    summary = pipeline.predict(PredictRequest(predictor.engine.bundle.path, scene_dir, out))
+    whole = predictor.predict_scene(open_scene(scene_dir))[0]
+    assert whole.shape == (395, 360)
+    with GeoTiffScene(out) as mask:
+        written = mask.read_pixels(Window(0, 0, mask.height, mask.width))[0]
+    np.testing.assert_array_equal(written, whole)
+    known = whole != NODATA_CLASS
+    for value, name in sorted(predictor.output.classes.items()):
+        assert summary[f"{name}_fraction"] == round(float((whole[known] == value).mean()), 4)
+    from PIL import Image
+
+    with Image.open(out.with_suffix(".png")) as preview:
+        assert preview.size == (90, 99)  # every 4th pixel of 360 × 395
+    # The preview is exactly every n-th pixel of the mask, across the pieces' edges too.
+    stitcher, pieces = predictor.stream_classes(open_scene(scene_dir), block=64)
+    streamed = pipeline._StreamedMask(395, 360, stitcher.block, 7)
+    streamed.take(pieces)
+    np.testing.assert_array_equal(streamed.preview, whole[::7, ::7])
+    assert streamed.counts.sum() == whole.size
+    np.testing.assert_array_equal(np.concatenate([
+        np.concatenate(row, axis=1) for row in np.array_split(
+            list(streamed.pieces()), -(-395 // 64))])[:395, :360], whole)
