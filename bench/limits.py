@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,15 +37,22 @@ CACHE = Path(tempfile.gettempdir()) / "onboard-bench"
 def predict_peak(scene: Path, out: Path) -> dict[str, Any]:
     """``onboard predict`` in a fresh process: wall time and the child's peak RSS."""
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", "import sys; from onboard.runtime.cli import "
-                           "main; sys.exit(main())", "predict", str(BUNDLES["openvino"]),
-                           str(scene), "--out", str(out), "--backend", "openvino",
-                           "--threads", "2"], capture_output=True, text=True)
+    log = out.with_suffix(".log")
+    with open(log, "w+") as output:
+        child = subprocess.Popen([sys.executable, "-c", "import sys; from onboard.runtime.cli "
+                                  "import main; sys.exit(main())", "predict",
+                                  str(BUNDLES["openvino"]), str(scene), "--out", str(out),
+                                  "--backend", "openvino", "--threads", "2"],
+                                 stdout=output, stderr=subprocess.STDOUT)
+        # This child's own peak (RUSAGE_CHILDREN would be the largest of every child so far).
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        output.seek(0)
+        text = output.read()
     wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"onboard predict failed:\n{done.stderr[-4000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"wall_s": wall, "peak_rss_mb": peak, "stdout_tail": done.stdout[-600:],
+    if child.returncode != 0:
+        raise SystemExit(f"onboard predict failed:\n{text[-4000:]}")
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "output_tail": text[-600:],
             "outputs": sorted(p.name for p in out.parent.iterdir())}
 
 
