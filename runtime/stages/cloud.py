@@ -142,6 +142,14 @@ class CloudStage:
                 or len(self._buffer) < len(batch):
             self._buffer = np.empty((len(batch), *wanted), np.float32)
         x = self._buffer[: len(batch)]
+        # A value that overflows float32 here becomes inf, which the finite check on the
+        # model's output turns into a failed tile: the overflow is handled, not a surprise.
+        with np.errstate(over="ignore"):
+            self._fill(x, batch, scale, offset)
+        return x
+
+    def _fill(self, x: np.ndarray, batch: list[TileWork], scale: np.ndarray,
+              offset: np.ndarray) -> None:
         for slot, work in zip(x, batch, strict=True):
             frame = work.frame
             indices = resolve_band_indices(list(frame.bands), list(self.bands), frame.source_id)
@@ -153,7 +161,6 @@ class CloudStage:
                 np.add(slot[c], offset[c], out=slot[c])
             if frame.valid is not None and not frame.valid.all():
                 slot[:, ~frame.valid] = 0.0  # NaNs would poison whole convolution windows
-        return x
 
     def process(self, batch: list[TileWork]) -> list[TileScore]:
         logits = self.engine.run(self._batch_input(batch))
