@@ -245,18 +245,21 @@ class Journal:
             raise StorageError(self.path, f"cannot open journal: {_reason(error)}") from error
         try:
             size = os.fstat(fd).st_size
+            failure = cause = None
             try:
                 written = os.write(fd, line)
-                if written != len(line):
-                    raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
-                os.fsync(fd)
+                if written == len(line):
+                    os.fsync(fd)
+                else:  # the disk filled up mid-line
+                    failure = f"short write ({written} of {len(line)} bytes)"
             except OSError as error:
+                failure, cause = _reason(error), error
+            if failure is not None:
                 # A half-written line would be glued to the next record and then read as
                 # damage in the middle; cut it off while we still know where it started.
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, size)
-                raise StorageError(self.path,
-                                   f"cannot append to journal: {_reason(error)}") from error
+                raise StorageError(self.path, f"cannot append to journal: {failure}") from cause
         finally:
             os.close(fd)
         if new:

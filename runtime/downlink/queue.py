@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onboard.runtime.errors import StorageError
+from onboard.runtime.errors import OnboardError, StorageError
 
 QUEUED, SENDING, ACKNOWLEDGED = "queued", "sending", "acknowledged"
 STATES = (QUEUED, SENDING, ACKNOWLEDGED)
@@ -80,15 +80,16 @@ _COLUMNS = ("id, path, nbytes, sha256, priority, window_index, state, attempts, 
             "sent_at, acknowledged_at, meta")
 
 
-class _DamagedRow(ValueError):
-    """A row whose values are not what the schema wrote (a damaged database file)."""
+class _DamagedRow(OnboardError, ValueError):
+    """A row whose values are not what the schema wrote (a damaged database file); the queue
+    reports it as a StorageError naming the database."""
 
 
 def _item(row: tuple[Any, ...]) -> QueueItem:
     try:
         meta = json.loads(row[11])
         if not isinstance(meta, dict):
-            raise TypeError(f"meta is a {type(meta).__name__}")
+            raise _DamagedRow(f"a damaged row (meta is a {type(meta).__name__})")
         return QueueItem(row[0], Path(row[1]), int(row[2]), row[3], float(row[4]), row[5],
                          row[6], int(row[7]), float(row[8]), row[9], row[10], meta)
     except (TypeError, ValueError) as error:
