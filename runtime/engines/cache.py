@@ -92,6 +92,25 @@ class EngineCache:
             handle.write(blob)
         return path
 
+    def keep(self, key: str, blob: bytes, **built: object) -> Path | None:
+        """:meth:`store`, for an engine that runs whether or not it can be cached: the entry's
+        path (``engine_built`` emitted with ``built``), or None when the flash is full or
+        read-only (``engine_cache_unusable`` emitted; the engine runs uncached)."""
+        try:
+            path = self.store(key, blob)
+        except StorageError as error:
+            self.unusable(key, str(error))
+            return None
+        if self.telemetry is not None:
+            self.telemetry.emit("engine_built", path=str(path), bytes=len(blob), **built)
+        return path
+
+    def unusable(self, key: str, message: str) -> None:
+        """Say that the entry for ``key`` cannot serve (the engine goes on uncached)."""
+        if self.telemetry is not None:
+            self.telemetry.emit("engine_cache_unusable", path=str(self.path(key)),
+                                message=message[:300])
+
     def _report(self, path: Path, problem: str) -> None:
         self.damaged.append(path)
         if self.telemetry is not None:

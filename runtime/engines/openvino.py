@@ -32,7 +32,7 @@ import numpy as np
 
 from onboard.runtime.engines.base import Engine
 from onboard.runtime.engines.cache import EngineCache
-from onboard.runtime.errors import EngineError, EngineUnavailableError, StorageError
+from onboard.runtime.errors import EngineError, EngineUnavailableError
 
 _DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "myriad": "MYRIAD", "auto": "AUTO"}
 # onboard precision -> OpenVINO INFERENCE_PRECISION_HINT. int8 models carry their own
@@ -118,9 +118,7 @@ class OpenVinoEngine(Engine):
                 compiled = core.import_model(blob, device, config)
                 _check_ports(compiled, model)
             except Exception as error:  # a blob this OpenVINO or device cannot use
-                if self.telemetry is not None:
-                    self.telemetry.emit("engine_cache_unusable", path=str(cache.path(key)),
-                                        message=str(error).splitlines()[0][:300])
+                cache.unusable(key, (str(error).splitlines() or [""])[0])
             else:
                 self.from_cache = True
                 return compiled
@@ -128,22 +126,11 @@ class OpenVinoEngine(Engine):
         try:
             exported = compiled.export_model()
         except Exception as error:  # a plugin (AUTO) that cannot export: run uncached
-            if self.telemetry is not None:
-                self.telemetry.emit("engine_cache_unusable", path=str(cache.path(key)),
-                                    message=f"{device} cannot export: {error}"[:300])
+            cache.unusable(key, f"{device} cannot export: {error}")
             return compiled
         # 2025 returns bytes, 2026 an io.BytesIO.
         data = exported.getvalue() if hasattr(exported, "getvalue") else bytes(exported)
-        try:
-            path = cache.store(key, data)
-        except StorageError as error:  # flash full or read-only: run, uncached, and say so
-            if self.telemetry is not None:
-                self.telemetry.emit("engine_cache_unusable", path=str(cache.path(key)),
-                                    message=str(error))
-            return compiled
-        if self.telemetry is not None:
-            self.telemetry.emit("engine_built", path=str(path), bytes=len(data),
-                                openvino=_version(ov))
+        cache.keep(key, data, openvino=_version(ov))
         return compiled
 
     def _compile_fresh(self, core: Any, model: Any, device: str, config: dict[str, Any]) -> Any:

@@ -31,7 +31,6 @@ from onboard.runtime.errors import (
     EngineError,
     EngineUnavailableError,
     EngineVersionError,
-    StorageError,
 )
 
 _WORKSPACE_BYTES = 1 << 30
@@ -127,16 +126,7 @@ class TensorRtEngine(Engine):
             self.from_cache = True
             return plan
         plan = self._build(trt, self.bundle.read(engines["onnxruntime"]))
-        try:
-            plan_path = cache.store(key, plan)
-        except StorageError as error:  # flash full or read-only: run, uncached, and say so
-            if self.telemetry is not None:
-                self.telemetry.emit("engine_cache_unusable", path=str(cache.path(key)),
-                                    message=str(error))
-            return plan
-        if self.telemetry is not None:
-            self.telemetry.emit("engine_built", path=str(plan_path), bytes=len(plan),
-                                tensorrt=trt.__version__)
+        cache.keep(key, plan, tensorrt=trt.__version__)
         return plan
 
     def _build(self, trt: Any, onnx: bytes) -> bytes:
