@@ -144,6 +144,11 @@ _CHECKSUMS = {"crc32": ChecksumType.CRC_32, "crc32c": ChecksumType.CRC_32C,
 SPACE_PACKET_HEADER = 6  # octets: the CCSDS primary header around every PDU
 
 
+def _pdu_header_octets(config: CfdpLinkConfig) -> int:
+    """A PDU's header and CRC: fixed part, two entity ids, a 4-octet sequence number."""
+    return 4 + 2 * config.entity_id_bytes + 4 + 2 * config.pdu_crc
+
+
 @dataclass(frozen=True)
 class CfdpLinkConfig:
     """``[cfdp]``: the CFDP Class 2 link (``[link] kind = "cfdp"``).
@@ -935,7 +940,7 @@ class CfdpTransmitter:
         the share of file data re-sent so far (before any: the simulator's loss rate, none on a
         real link, whose loss the pass's margin covers)."""
         c = self.config
-        header = 4 + 2 * c.entity_id_bytes + 4 + 2 * c.pdu_crc  # PDU header and CRC
+        header = _pdu_header_octets(c)
         per_segment = SPACE_PACKET_HEADER + header + 4  # + the segment's 4-octet offset
         segment = max(1, c.pdu_size - header - 4)
         if self._product_bytes:
@@ -1045,7 +1050,7 @@ class CfdpTransmitter:
         # What the Metadata PDU holds besides its TLVs: PDU header (fixed part, two entity
         # ids, a 4-octet sequence number, the CRC), directive code, flags, file size (8 octets
         # at most), the two file names with their lengths.
-        room = c.pdu_size - (4 + 2 * c.entity_id_bytes + 4 + 2 * c.pdu_crc) - (
+        room = c.pdu_size - _pdu_header_octets(c) - (
             1 + 1 + 8 + 2 + 2 * len(dest))
         messages = _tags(item_id, sha256, self._item_of(path, sha256), room=room)
         if messages is None:
