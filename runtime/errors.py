@@ -152,3 +152,13 @@ class ShapeError(OnboardError, ValueError):
 class UsageError(OnboardError, TypeError):
     """The runtime was called the wrong way by code (a section registered twice, a manifest
     built with both or neither of its spec forms): a programming error, found at once."""
+
+
+class StagedFileMissingError(OnboardError, FileNotFoundError):
+    """The ground's CFDP filestore was asked for a file that no transaction is writing (cfdp-py
+    turns a FileNotFoundError into the matching fault)."""
+
+
+class ProductNameError(OnboardError, PermissionError):
+    """A CFDP transfer named a path or a hidden file, not a product file name (cfdp-py turns a
+    PermissionError into a Filestore Rejection fault)."""

@@ -739,3 +739,21 @@ def test_onboard_run_cfdp_option_names_a_ground_address() -> None:
     for bad in ("52001", "host:", "host:port", "host:70000"):
         with pytest.raises(ConfigError, match="--cfdp takes HOST:PORT"):
             cfdp_overrides(bad)
+
+
+def test_the_ground_filestore_refuses_paths_with_errors_cfdp_py_maps_to_faults(tmp_path: Path
+                                                                               ) -> None:
+    """cfdp-py turns a PermissionError from create_file into a Filestore Rejection fault and a
+    FileNotFoundError into its own; ours are also OnboardErrors, so nothing escapes unnamed."""
+    from onboard.runtime.downlink.cfdp import _StagingFilestore
+    from onboard.runtime.errors import OnboardError
+
+    store = _StagingFilestore(tmp_path)
+    for name in ("../etc/passwd", "a/b", ".hidden", "x" * 201):
+        with pytest.raises(PermissionError, match="not a product file name") as refused:
+            store.create_file(Path(name))
+        assert isinstance(refused.value, OnboardError)
+    with pytest.raises(FileNotFoundError) as missing:
+        store.truncate_file(Path("nothing-open"))
+    assert isinstance(missing.value, OnboardError)
+    assert not list(tmp_path.iterdir())  # nothing staged for a refused name

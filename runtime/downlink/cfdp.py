@@ -133,7 +133,12 @@ from onboard.runtime.downlink.packets import (
 )
 from onboard.runtime.downlink.stac import GroundCatalogue, item_sha256
 from onboard.runtime.durability import atomic_path, write_json, write_text
-from onboard.runtime.errors import ConfigError, StorageError
+from onboard.runtime.errors import (
+    ConfigError,
+    ProductNameError,
+    StagedFileMissingError,
+    StorageError,
+)
 from onboard.runtime.telemetry import Telemetry
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -1307,7 +1312,7 @@ class _StagingFilestore(NativeFilestore):
 
     def _fd_for(self, file: Path) -> int:
         if self._fd is None or file != self.name:
-            raise FileNotFoundError(file)
+            raise StagedFileMissingError(file)
         return self._fd
 
     def is_directory(self, path: Path) -> bool:
@@ -1321,7 +1326,7 @@ class _StagingFilestore(NativeFilestore):
         if not name or "/" in name or "\\" in name or name.startswith(".") or len(name) > 200:
             # cfdp-py turns this into a Filestore Rejection fault: the sender named a path, not
             # a product.
-            raise PermissionError(f"not a product file name: {name!r}")
+            raise ProductNameError(f"not a product file name: {name!r}")
         self.discard()
         self._staging = atomic_path(self.inbox / name)
         self.tmp = self._staging.__enter__()
