@@ -45,8 +45,12 @@ def _reader(tiles: np.ndarray, input_name: str, batch: int = 1):
 
 
 def quantize_qdq(fp32_path: Path, out_path: Path, tiles: np.ndarray,
-                 target: str = "onnxruntime") -> Path:
-    """Write the INT8 QDQ version of ``fp32_path`` for ``target`` to ``out_path``."""
+                 target: str = "onnxruntime", only_prefix: str | None = None) -> Path:
+    """Write the INT8 QDQ version of ``fp32_path`` for ``target`` to ``out_path``.
+
+    ``only_prefix`` (a zoo entry's ``extra["int8_only_prefix"]``) quantises only the nodes whose
+    names start with it and leaves the rest float: arithmetic that must keep its precision (a
+    least-squares fit, a radiometric skip) is named outside it by the model."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -59,7 +63,13 @@ def quantize_qdq(fp32_path: Path, out_path: Path, tiles: np.ndarray,
         raise CompileError(f"INT8 QDQ is for {QUANT_TARGETS}, not {target!r}")
     if tiles.ndim != 4 or len(tiles) == 0:
         raise CompileError(f"calibration tiles must be a non-empty NCHW array, got {tiles.shape}")
-    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    input_name = graph.input[0].name
+    excluded = [] if only_prefix is None else [
+        node.name for node in graph.node if not node.name.startswith(only_prefix)]
+    if only_prefix is not None and len(excluded) == len(graph.node):
+        raise CompileError(f"{fp32_path}: no node is named under {only_prefix!r}; "
+                           "nothing would be quantised")
     if target == "tensorrt":
         activation_type = QuantType.QInt8
         extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
@@ -75,6 +85,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, tiles: np.ndarray,
         weight_type=QuantType.QInt8,
         per_channel=True,
         calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=excluded,
         extra_options=extra,
     )
     return out_path

@@ -302,6 +302,31 @@ def test_ort_qdq_int8_graph(onnx_fp32: Path, tmp_path: Path, validation: list) -
     assert measure.onnx_macs(path) == measure.onnx_macs(onnx_fp32)
 
 
+def _int8_readers(path: Path) -> set[str]:
+    """Names of the nodes (other than QuantizeLinear) that read a dequantised tensor."""
+    nodes = onnx.load(str(path)).graph.node
+    dequantised = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in nodes if n.op_type != "QuantizeLinear"
+            and set(n.input) & dequantised}
+
+
+def test_qdq_only_prefix_leaves_the_rest_float(onnx_fp32: Path, tmp_path: Path) -> None:
+    """``extra["int8_only_prefix"]``: only the named nodes read dequantised tensors; a prefix
+    that names no node is refused (nothing would be quantised)."""
+    convs = [n.name for n in onnx.load(str(onnx_fp32)).graph.node if n.op_type == "Conv"]
+    tiles = calibration_tiles(DATA, 4)
+    everything = quantize.quantize_qdq(onnx_fp32, tmp_path / "a.onnx", tiles, "onnxruntime")
+    assert set(convs) <= _int8_readers(everything)
+    only_first = quantize.quantize_qdq(onnx_fp32, tmp_path / "p.onnx", tiles, "onnxruntime",
+                                       only_prefix=convs[0])
+    # The first convolution reads INT8 (its output's consumer reads it dequantised); every
+    # other convolution reads float.
+    assert _int8_readers(only_first) & set(convs) == {convs[0]}
+    with pytest.raises(CompileError, match="no node is named under"):
+        quantize.quantize_qdq(onnx_fp32, tmp_path / "n.onnx", tiles, "onnxruntime",
+                              only_prefix="/nowhere/")
+
+
 def test_tensorrt_qdq_is_symmetric_int8(onnx_fp32: Path, tmp_path: Path) -> None:
     path = quantize.quantize_qdq(onnx_fp32, tmp_path / "t.onnx", calibration_tiles(DATA, 16),
                                  "tensorrt")

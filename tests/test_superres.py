@@ -88,6 +88,18 @@ def test_int8_graph_keeps_the_skip_and_the_output_in_float(task):
                    for n in graph.node)
     if task == "x2":
         assert any(n.op_type == "DepthToSpace" for n in graph.node)
+    else:
+        # The window fit (Mul, Div and Sqrt on covariances) and the share of its detail in the
+        # skip read float tensors: only the body's nodes read dequantised ones, and outside it
+        # only the residual's scaling into the last Sub (the residual is the body's output).
+        dequantised = {out for n in graph.node if n.op_type == "DequantizeLinear"
+                       for out in n.output}
+        readers = [n for n in graph.node if set(n.input) & dequantised]
+        outside = [n for n in readers if not n.name.startswith("/body/")]
+        last = producers[graph.output[0].name]
+        assert len(readers) > 6 and len(outside) == 1, [n.name for n in outside]
+        assert outside[0].op_type == "Div" and outside[0].output[0] in last.input
+        assert any(n.op_type == "Sqrt" for n in graph.node)  # the fit is in the graph
 
 
 def _psnr_mean(estimate: np.ndarray, truth: np.ndarray) -> float:
@@ -223,3 +235,47 @@ def test_superres_is_a_config_section_not_a_stage(tmp_path):
     assert "superres" in config.section("products").kinds
     assert "superres" not in {spec.name for spec in registered_stages()}
     assert "superres" not in ProductConfig().kinds  # only when a config asks for it
+
+
+def test_guided_sharpening_reads_exactly_the_context_its_bundle_states(sample):
+    """The fp32 bundle, on a real crop: a change to one input pixel moves outputs up to the
+    stated context away and none beyond it, so a resolver whose overlap and halo cover the
+    context stitches tiles that agree with a whole-image run."""
+    from onboard.models.superres import SHARPEN_CONTEXT
+
+    engine = _engine("sharpen", "fp32")
+    try:
+        assert engine.manifest.extra["superres"]["context"] == SHARPEN_CONTEXT
+        resolver = SuperResolver(engine, overlap=8, halo=4)
+        assert resolver.overlap >= 2 * SHARPEN_CONTEXT and resolver.halo >= SHARPEN_CONTEXT
+        x = np.ascontiguousarray(sample[None, :, :128, :128] * 1e-4)
+        poked = x.copy()
+        poked[0, :, 64, 64] += 0.05  # 500 DN in every band at one pixel
+        moved = np.abs(engine.run(poked) - engine.run(x)).max(axis=(0, 1))
+    finally:
+        engine.close()
+    rows, cols = np.nonzero(moved > 0)  # outside the reach the same float ops run on the same data
+    reach = int(max(np.abs(rows - 64).max(), np.abs(cols - 64).max()))
+    assert reach <= SHARPEN_CONTEXT, reach
+    assert reach >= SHARPEN_CONTEXT - 2, reach  # stated tightly, not padded
+
+
+def test_guided_sharpening_of_flat_and_saturated_tiles_is_finite():
+    """A cloud deck (every band one value) gives no fit to noise: the output is the 20 m
+    value itself; a saturated block beside texture stays finite, the texture sharpened."""
+    engine = _engine("sharpen", "int8")
+    try:
+        flat = np.full((1, 10, 256, 256), 0.6, np.float32)
+        out = engine.run(flat)
+        assert np.isfinite(out).all()
+        inner = out[:, :, 32:-32, 32:-32]  # away from the convolutions' zero padding
+        assert np.abs(inner.mean(axis=(2, 3)) - 0.6).max() < 0.003  # 30 DN
+        assert inner.std(axis=(2, 3)).max() < 0.0005  # 5 DN: INT8 steps, no invented texture
+        rng = np.random.default_rng(0)
+        mixed = (0.1 + 0.05 * rng.random((1, 10, 256, 256))).astype(np.float32)
+        mixed[:, :, :128] = 6.5535  # uint16 saturation, as reflectance
+        out = engine.run(mixed)
+        assert np.isfinite(out).all()
+        assert np.abs(out[:, :, 160:] - mixed[:, 4:, 160:]).mean() < 0.05
+    finally:
+        engine.close()

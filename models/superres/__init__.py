@@ -20,7 +20,12 @@ import numpy as np
 from onboard.models.zoo import ZooModel, register
 
 HERE = Path(__file__).resolve().parent
-VERSION = "0.1.0"
+# 0.2.0 of superres-sharpen adds the per-window detail injection (model.local_detail); the ×2
+# model keeps its 0.1 architecture.
+VERSIONS = {"x2": "0.1.0", "sharpen": "0.2.0"}
+# Input pixels each side that the guided sharpening reads: the fit's window radius, the low-pass
+# in front of it (2) and the body's seven 3 x 3 convolutions.
+SHARPEN_CONTEXT = 31 // 2 + 2 + 7
 TILES = {"x2": 128, "sharpen": 256}
 X2_BANDS = ["blue", "green", "red", "nir"]
 # Sensor names: "rededge" names three Sentinel-2 bands, so common names would be ambiguous.
@@ -113,7 +118,7 @@ for _task, _entry in _ENTRIES.items():
     register(ZooModel(
         name=f"superres-{_task}",
         task="superres",
-        version=VERSION,
+        version=VERSIONS[_task],
         build=partial(_build, _task),
         weights=HERE / f"weights_{_task}.pt",
         bands=list(_entry["bands"]),
@@ -133,5 +138,9 @@ for _task, _entry in _ENTRIES.items():
                "output_bands": X2_BANDS if _task == "x2" else SHARPEN_OUTPUT,
                "heldout": "Malmö (DSen2 demo tile T33UUB), OSCD paris, lasvegas, valencia "
                           "(both dates)",
-               "finetune_epochs": 0},
+               "finetune_epochs": 0,
+               **({} if _task == "x2" else {
+                   # The window fit and the skip stay float: only the body is quantised.
+                   "int8_only_prefix": "/body/",
+                   "manifest_extra": {"superres": {"context": SHARPEN_CONTEXT}}})},
     ))

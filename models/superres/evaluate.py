@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from onboard.models.superres import HERE, TILES, dataset, metrics
-from onboard.models.superres.model import build_sharpen, build_x2, count_parameters
+from onboard.models.superres.model import Sharpen20, build_sharpen, build_x2, count_parameters
 from onboard.models.superres.train import WEIGHTS, default_root
 
 PAN_PEAK = 2047.0
@@ -37,9 +37,18 @@ def bundle_path(task: str, precision: str) -> Path:
     return HERE / f"superres-{task}-{precision}-ort.onboard"
 
 
-def load_model(task: str) -> torch.nn.Module:
-    model = build_x2() if task == "x2" else build_sharpen()
-    model.load_state_dict(torch.load(WEIGHTS[task], map_location="cpu", weights_only=True))
+def previous_weights(task: str) -> Path:
+    """Version 0.1's weights, kept so that each run measures what the new version bought."""
+    return HERE / f"weights_{task}_0.1.pt"
+
+
+def load_model(task: str, previous: bool = False) -> torch.nn.Module:
+    if task == "x2":
+        model: torch.nn.Module = build_x2()
+    else:
+        model = Sharpen20(guided=False) if previous else build_sharpen()
+    path = previous_weights(task) if previous else WEIGHTS[task]
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
 
 
@@ -51,6 +60,8 @@ class Runners:
 
         self.task = task
         self.model = load_model(task)
+        self.previous = load_model(task, previous=True) if previous_weights(task).exists() \
+            else None
         self.engines: dict[str, Any] = {}
         for precision in ("fp32", "int8"):
             path = bundle_path(task, precision)
@@ -60,14 +71,15 @@ class Runners:
 
     def run(self, how: str, x: np.ndarray) -> np.ndarray:
         """Reflectance (N, C, H, W) in, out."""
-        if how == "torch":
+        if how in ("torch", "torch_0.1"):
+            model = self.model if how == "torch" else self.previous
             with torch.no_grad():
-                return self.model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+                return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
         return self.engines[how].run(np.ascontiguousarray(x, np.float32))
 
     @property
     def ways(self) -> list[str]:
-        return ["torch", *self.engines]
+        return ["torch", *(["torch_0.1"] if self.previous is not None else []), *self.engines]
 
 
 def _band_table(estimate: np.ndarray, truth: np.ndarray, peak: float) -> dict[str, Any]:
@@ -209,7 +221,7 @@ def _gain_summary(results: dict[str, Any], task: str) -> dict[str, Any]:
             row[f"{name}_gain_db"] = round(float(np.mean(np.array(table["psnr"]) - bic)), 3)
         if task == "sharpen":
             di = np.array(methods["detail_injection"]["psnr"])
-            for how in ("model_torch", "model_int8"):
+            for how in ("model_torch", "model_torch_0.1", "model_int8"):
                 if how in methods:
                     row[f"{how}_over_detail_injection_db"] = [
                         round(float(v), 3) for v in np.array(methods[how]["psnr"]) - di]

@@ -86,21 +86,132 @@ class SuperRes2x(nn.Module):
         return skip - residual / (-1.0 / SPREAD)  # Div and Sub stay float: see the docstring
 
 
+def _box2(x: torch.Tensor) -> torch.Tensor:
+    """The mean of the 2 x 2 block starting at every pixel: a 20 m average that does not depend
+    on where a tile starts (the phase of the 2 x 2 blocks)."""
+    return F.avg_pool2d(F.pad(x, (0, 1, 0, 1), mode="replicate"), 2, stride=1)
+
+
+def _cholesky_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve ``a x = b`` for symmetric positive definite ``a`` (N, k, k, ...) and ``b``
+    (N, k, m, ...), one system per trailing position, unrolled for the small fixed k: ONNX has
+    no linear solver, and this exports as Sqrt, Mul, Sub and Div that every engine runs in
+    float."""
+    k = a.shape[1]
+    low: list[list[torch.Tensor]] = [[] for _ in range(k)]
+    for i in range(k):
+        for j in range(i + 1):
+            s = a[:, i, j]
+            for p in range(j):
+                s = s - low[i][p] * low[j][p]
+            low[i].append(torch.sqrt(torch.clamp(s, min=1e-12)) if i == j else s / low[j][j])
+    forward: list[torch.Tensor] = []
+    for i in range(k):
+        s = b[:, i]
+        for p in range(i):
+            s = s - low[i][p][:, None] * forward[p]
+        forward.append(s / low[i][i][:, None])
+    solution: list[torch.Tensor] = [forward[0]] * k
+    for i in reversed(range(k)):
+        s = forward[i]
+        for p in range(i + 1, k):
+            s = s - low[p][i][:, None] * solution[p]
+        solution[i] = s / low[i][i][:, None]
+    return torch.stack(solution, 1)
+
+
+# The window of the local fit, in pixels of the input grid (31 = 15 either side: a few hundred
+# pixels per fit, small enough to follow a field's edge). A tiled run needs this much overlap
+# plus the body's reach for its tiles to agree with a whole-image run.
+FIT_WINDOW = 31
+# Ridge of the fit: relative to the window's variance of the 10 m bands, plus an absolute floor
+# (20 DN of texture): a flat window (water, a cloud deck) gets small coefficients, not a fit to
+# noise.
+RIDGE = 1e-3
+RIDGE_FLOOR = 4e-6
+COEFFICIENT_LIMIT = 4.0
+
+
+def _window_mean(x: torch.Tensor) -> torch.Tensor:
+    # Separable box: two 1-D AveragePools cost 2 x 31 adds a pixel, not 31 x 31.
+    r = FIT_WINDOW // 2
+    x = F.avg_pool2d(x, (FIT_WINDOW, 1), stride=1, padding=(r, 0), count_include_pad=False)
+    return F.avg_pool2d(x, (1, FIT_WINDOW), stride=1, padding=(0, r), count_include_pad=False)
+
+
+def local_detail(fine: torch.Tensor, coarse_low: torch.Tensor,
+                 fine_mean: torch.Tensor, coarse_mean: torch.Tensor) -> torch.Tensor:
+    """Detail injection fitted in a window around every pixel (a guided filter with the four
+    10 m bands as guide): each 20 m band's low-pass regressed, with a constant, on the 10 m
+    bands' low-pass over the window; the coefficients then carry the 10 m bands' high-pass onto
+    that 20 m band. Returns the injected detail, (N, 6, H, W).
+
+    What a convolution cannot do by itself: the spectral relation between the bands changes
+    from scene to scene and field to field, and the fit reads it from the data. It depends only
+    on the window, so a tiled run agrees with a whole-image one. Inputs are centred on fixed
+    band means first, for float32's sake."""
+    fine_low = F.avg_pool2d(_box2(fine), 3, stride=1, padding=1, count_include_pad=False)
+    f = fine_low - fine_mean
+    c = coarse_low - coarse_mean
+    k, m = f.shape[1], c.shape[1]
+    pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    products = [f[:, i] * f[:, j] for i, j in pairs] + [
+        f[:, i] * c[:, j] for i in range(k) for j in range(m)]
+    means = _window_mean(torch.cat([f, c, torch.stack(products, 1)], 1))
+    mf, mc = means[:, :k], means[:, k:k + m]
+    second = means[:, k + m:]
+    gram_entries = {pair: second[:, n] - mf[:, pair[0]] * mf[:, pair[1]]
+                    for n, pair in enumerate(pairs)}
+    variance = sum(gram_entries[(i, i)] for i in range(k)) / k
+    ridge = RIDGE * variance + RIDGE_FLOOR
+    gram = torch.stack([torch.stack([
+        gram_entries[(min(i, j), max(i, j))] + (ridge if i == j else 0.0)
+        for j in range(k)], 1) for i in range(k)], 1)
+    cross = second[:, len(pairs):].reshape(f.shape[0], k, m, *f.shape[2:]) - (
+        mf[:, :, None] * mc[:, None, :])
+    beta = torch.clamp(_cholesky_solve(gram, cross), -COEFFICIENT_LIMIT, COEFFICIENT_LIMIT)
+    high = fine - fine_low
+    return (beta * high[:, :, None]).sum(1)
+
+
 class Sharpen20(nn.Module):
     """Guided 20 m -> 10 m sharpening: input the four 10 m and six 20 m bands on the 10 m grid
     (20 m bands nearest-resampled), output the six 20 m bands sharpened, (N, 10, H, W) ->
-    (N, 6, H, W). Works on the 2:1 ratio of the grids, not on metres."""
+    (N, 6, H, W). Works on the 2:1 ratio of the grids, not on metres.
 
-    def __init__(self, width: int = 40, depth: int = 5) -> None:
+    ``guided`` (version 0.2) adds a detail injection fitted around each pixel
+    (``local_detail``): the body sees it as six more input channels and the skip carries a
+    learned share of it per band; the fit and the skip stay float (the compiler quantises only
+    ``/body/`` nodes)."""
+
+    def __init__(self, width: int = 40, depth: int = 5, guided: bool = True) -> None:
         super().__init__()
         self.scale = 1
+        self.guided = guided
         self.register_buffer("mean", torch.tensor(MEAN_10 + MEAN_20).view(1, 10, 1, 1))
-        self.body = _Body(10, width, depth, 6, 3)
+        self.body = _Body(16 if guided else 10, width, depth, 6, 3)
         self.smooth = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+        if guided:
+            self.detail_share = nn.Parameter(torch.zeros(1, 6, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.smooth(x[:, 4:10])
-        return skip - self.body(_centred(x, self.mean)) / (-1.0 / SPREAD)  # float: see above
+        features = _centred(x, self.mean)
+        if self.guided:
+            detail = local_detail(x[:, :4], skip, self.mean[:, :4], self.mean[:, 4:])
+            features = torch.cat([features, torch.clamp(detail / SPREAD, -RESIDUAL_LIMIT,
+                                                        RESIDUAL_LIMIT)], 1)
+            skip = skip - detail * self.detail_share / (-1.0)
+        return skip - self.body(features) / (-1.0 / SPREAD)  # float: see above
+
+    def load_unguided(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from version 0.1's weights: the six new input channels and the detail share at
+        zero, so the network begins exactly where 0.1 ended."""
+        first = "body.features.0.weight"
+        grown = torch.zeros_like(self.body.features[0].weight)
+        grown[:, : state[first].shape[1]] = state[first]
+        self.load_state_dict({**state, first: grown,
+                              "detail_share": torch.zeros_like(self.detail_share)})
 
 
 def build_x2() -> SuperRes2x:

@@ -31,21 +31,28 @@ def default_root() -> Path:
 
 def train(task: str, minutes: float, root: Path, out: Path, batch: int = 16, lr: float = 1e-3,
           seed: int = 0, threads: int = 1, log_every: int = 100, patch: int | None = None,
-          init: Path | None = None) -> dict[str, Any]:
+          init: Path | None = None, hold: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train for ``minutes`` of wall time; ``init`` continues from earlier weights (a second
-    round on this shared machine, with its own seed and schedule)."""
+    round on this shared machine, with its own seed and schedule; 0.1's unguided sharpening
+    weights grow into the guided model). ``hold`` keeps places out of this round, to check it
+    against the weights it started from."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     model = build_x2() if task == "x2" else build_sharpen()
     history: list[dict[str, Any]] = []
     if init is not None:
-        model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
+        state = torch.load(init, map_location="cpu", weights_only=True)
+        if task == "sharpen" and "detail_share" not in state:
+            model.load_unguided(state)
+        else:
+            model.load_state_dict(state)
         previous = Path(init).with_suffix(".json")
         if previous.exists():
             loaded = json.loads(previous.read_text())
             history = loaded.pop("history", []) + [loaded]
     patch = patch or PATCH[task]
-    sampler = dataset.PatchSampler(dataset.training_scenes(root), task, patch, seed)
+    scenes = [s for s in dataset.training_scenes(root) if dataset.place(s.name) not in hold]
+    sampler = dataset.PatchSampler(scenes, task, patch, seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     budget = minutes * 60.0
     start = time.perf_counter()
@@ -74,7 +81,8 @@ def train(task: str, minutes: float, root: Path, out: Path, batch: int = 16, lr:
                             "seconds": round(time.perf_counter() - start), "batch": batch,
                             "patch": patch, "lr": lr, "seed": seed,
                             "params": count_parameters(model),
-                            "init": str(init) if init else None, "history": history}
+                            "init": str(init) if init else None, "held": list(hold),
+                            "history": history}
     out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -90,9 +98,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patch", type=int, help="input patch size (default per task)")
     parser.add_argument("--init", type=Path, help="continue from these weights")
+    parser.add_argument("--hold", action="append", default=[],
+                        help="keep this place out of the round (repeatable)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     print(train(args.task, args.minutes, args.root, args.out or WEIGHTS[args.task], args.batch,
-                args.lr, args.seed, patch=args.patch, init=args.init))
+                args.lr, args.seed, args.threads, patch=args.patch, init=args.init,
+                hold=tuple(args.hold)))
 
 
 if __name__ == "__main__":

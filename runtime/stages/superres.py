@@ -43,8 +43,10 @@ from onboard.runtime.sources.base import Scene, iter_tiles
 from onboard.runtime.telemetry import Telemetry
 from onboard.runtime.windows import Stitcher, StreamingStitcher, TileGrid, Window, tile_array
 
-# Context each side of a seam: both shipped models see 8 input pixels (7 convolution radii and
-# the skip path's 1-2); 16 leaves room for a deeper model.
+# Context each side of a seam: a plain convolution model sees 8 input pixels (7 convolution
+# radii and the skip path's 1-2); 16 leaves room for a deeper model. A bundle that reads further
+# (a fit over a window) states it as ``extra["superres"]["context"]``, and the overlap and the
+# halo grow to cover it.
 DEFAULT_OVERLAP = 32
 DEFAULT_HALO = 16
 
@@ -82,8 +84,9 @@ class SuperResolver:
             raise ConfigError(f"{engine.bundle.path}: a super-resolution bundle gives values, "
                               f"this one {self.output.kind}")
         self.tile = self.spec.tile_size
-        self.overlap = min(overlap, self.tile - 1)
-        self.halo = halo
+        self.context = self._context(engine)
+        self.overlap = min(max(overlap, 2 * self.context), self.tile - 1)
+        self.halo = max(halo, self.context)
         self.batch = batch
         self.scale_factor = int(self.output.scale_factor)
         n_in, n_out = len(self.spec.bands), self.output.channels
@@ -93,6 +96,16 @@ class SuperResolver:
         # Output k is input band first + k: the same bands (×2) or the last ones (sharpening).
         self.first_band = n_in - n_out
         self.output_bands = tuple(self.spec.bands[self.first_band:])
+
+    @staticmethod
+    def _context(engine: Engine) -> int:
+        """Input pixels the model reads each side of an output pixel, as its bundle states."""
+        stated = engine.manifest.extra.get("superres", {})
+        context = stated.get("context", 0) if isinstance(stated, dict) else 0
+        if not isinstance(context, int) or isinstance(context, bool) or not 0 <= context <= 128:
+            raise ConfigError(f"{engine.bundle.path}: extra.superres.context must be an integer "
+                              f"number of pixels in [0, 128], got {context!r}")
+        return context
 
     @classmethod
     def from_config(cls, config: SuperResConfig, telemetry: Telemetry | None = None
