@@ -133,7 +133,8 @@ def test_heldout_gain_over_bicubic_and_detail_injection(shared_data):
     """Malmö (held out): ×2 and sharpening by the INT8 bundles against PIL bicubic and
     detail injection, measured here. The bounds are what the shipped models reach, below the
     issue's goals (×2 +1.5 dB, sharpening +8 dB and above detail injection on every band;
-    see models/superres/results.md): on Malmö detail injection still wins on B05-B8A."""
+    see models/superres/results.md): on Malmö detail injection still wins on B05 (by 2 dB)
+    and on B07 and B8A (by 0.2-0.3 dB)."""
     scene = dataset.load(shared_data, dataset.MALMO)
     x, truth = dataset.x2_pair(scene)
     engine = _engine("x2", "int8")
@@ -149,9 +150,11 @@ def test_heldout_gain_over_bicubic_and_detail_injection(shared_data):
     model = np.array(metrics.psnr_bands(ours, truth, 1e4))
     bicubic = np.array(metrics.psnr_bands(metrics.resize(coarse, 2), truth, 1e4))
     injected = np.array(metrics.psnr_bands(metrics.detail_injection(coarse, x[:4]), truth, 1e4))
-    assert (model - bicubic).mean() > 2.5, model - bicubic
-    # The SWIR bands, where the linear injection of visible texture fails, by a wide margin.
-    assert (model[4:] > injected[4:] + 2.0).all(), (model, injected)
+    assert (model - bicubic).mean() > 4.0, model - bicubic  # 0.1 reached 3.2
+    # The SWIR bands, where the linear injection of visible texture fails, by a wide margin;
+    # the red edge and NIR bands within 2.2 dB of it (0.1 was 1.4 to 3.8 dB below).
+    assert (model[4:] > injected[4:] + 4.0).all(), (model, injected)
+    assert (model[:4] > injected[:4] - 2.2).all(), (model, injected)
 
 
 def test_predict_writes_a_georeferenced_x2_geotiff(tmp_path, sample):
@@ -279,3 +282,27 @@ def test_guided_sharpening_of_flat_and_saturated_tiles_is_finite():
         assert np.abs(out[:, :, 160:] - mixed[:, 4:, 160:]).mean() < 0.05
     finally:
         engine.close()
+
+
+def test_new_capacity_starts_from_the_old_function(sample):
+    """Training rounds that add capacity start where the previous model ended: 0.1's
+    sharpening weights in the guided model (its new inputs at zero), and the ×2 weights in a
+    deeper body (identity convolutions after ReLUs), give the same output on a real crop."""
+    from onboard.models.superres.evaluate import previous_weights
+    from onboard.models.superres.model import Sharpen20, SuperRes2x
+    from onboard.models.superres.train import WEIGHTS
+
+    x = torch.from_numpy(np.ascontiguousarray(sample[None, :, :96, :96] * 1e-4))
+    old = Sharpen20(guided=False)
+    old.load_state_dict(torch.load(previous_weights("sharpen"), weights_only=True))
+    grown = Sharpen20()
+    grown.load_unguided(old.state_dict())
+    shallow = SuperRes2x()
+    shallow.load_state_dict(torch.load(WEIGHTS["x2"], weights_only=True))
+    deep = SuperRes2x(depth=shallow.body_depth + 3)
+    deep.load_shallower(shallow.state_dict())
+    with torch.no_grad():
+        assert torch.equal(grown(x), old(x))
+        assert torch.equal(deep(x[:, :4]), shallow(x[:, :4]))
+        # and the new capacity is there to train: the guided body reads 16 channels
+        assert grown.body.features[0].in_channels == 16

@@ -38,6 +38,7 @@ SPREAD = 0.08
 # step without them). Pixels outside keep their value through the float skip.
 INPUT_RANGE = (-3.0, 6.0)
 RESIDUAL_LIMIT = 3.0  # 0.24 reflectance, 2400 DN
+X2_DEPTH = 4
 
 
 def _conv(cin: int, cout: int, k: int = 3) -> nn.Conv2d:
@@ -78,7 +79,26 @@ class SuperRes2x(nn.Module):
         self.scale = 2
         self.register_buffer("mean", torch.tensor(mean[:bands]).view(1, bands, 1, 1))
         self.body = _Body(bands, width, depth, bands * 4, 5)
+        self.body_depth = depth
         self.shuffle = nn.PixelShuffle(2)
+
+    def load_shallower(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from a shallower model's weights with the same function (Net2DeeperNet):
+        the extra 3 x 3 convolutions go after its last one as identities, which the ReLU after
+        them keeps exact, since their input is already a ReLU's output (non-negative)."""
+        convs = [i for i, layer in enumerate(self.body.features) if isinstance(layer, nn.Conv2d)]
+        own = self.state_dict()
+        given = sorted({int(k.split(".")[2]) for k in state if k.startswith("body.features.")})
+        for index in convs[len(given):]:
+            conv = self.body.features[index]
+            identity = torch.zeros_like(conv.weight)
+            for channel in range(conv.out_channels):
+                identity[channel, channel, 1, 1] = 1.0
+            state = {**state, f"body.features.{index}.weight": identity,
+                     f"body.features.{index}.bias": torch.zeros_like(conv.bias)}
+        if set(state) != set(own):
+            raise ValueError(f"cannot grow a model with {sorted(set(state) ^ set(own))}")
+        self.load_state_dict(state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
@@ -214,8 +234,8 @@ class Sharpen20(nn.Module):
                               "detail_share": torch.zeros_like(self.detail_share)})
 
 
-def build_x2() -> SuperRes2x:
-    return SuperRes2x()
+def build_x2(depth: int | None = None) -> SuperRes2x:
+    return SuperRes2x(depth=depth or X2_DEPTH)
 
 
 def build_sharpen() -> Sharpen20:

@@ -31,19 +31,22 @@ def default_root() -> Path:
 
 def train(task: str, minutes: float, root: Path, out: Path, batch: int = 16, lr: float = 1e-3,
           seed: int = 0, threads: int = 1, log_every: int = 100, patch: int | None = None,
-          init: Path | None = None, hold: tuple[str, ...] = ()) -> dict[str, Any]:
+          init: Path | None = None, hold: tuple[str, ...] = (),
+          depth: int | None = None) -> dict[str, Any]:
     """Train for ``minutes`` of wall time; ``init`` continues from earlier weights (a second
     round on this shared machine, with its own seed and schedule; 0.1's unguided sharpening
     weights grow into the guided model). ``hold`` keeps places out of this round, to check it
     against the weights it started from."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    model = build_x2() if task == "x2" else build_sharpen()
+    model = build_x2(depth) if task == "x2" else build_sharpen()
     history: list[dict[str, Any]] = []
     if init is not None:
         state = torch.load(init, map_location="cpu", weights_only=True)
         if task == "sharpen" and "detail_share" not in state:
             model.load_unguided(state)
+        elif task == "x2" and len(state) < len(model.state_dict()):
+            model.load_shallower(state)
         else:
             model.load_state_dict(state)
         previous = Path(init).with_suffix(".json")
@@ -81,6 +84,7 @@ def train(task: str, minutes: float, root: Path, out: Path, batch: int = 16, lr:
                             "seconds": round(time.perf_counter() - start), "batch": batch,
                             "patch": patch, "lr": lr, "seed": seed,
                             "params": count_parameters(model),
+                            **({"depth": model.body_depth} if task == "x2" else {}),
                             "init": str(init) if init else None, "held": list(hold),
                             "history": history}
     out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
@@ -101,10 +105,11 @@ def main() -> None:
     parser.add_argument("--hold", action="append", default=[],
                         help="keep this place out of the round (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--depth", type=int, help="x2: body depth (grows --init's model)")
     args = parser.parse_args()
     print(train(args.task, args.minutes, args.root, args.out or WEIGHTS[args.task], args.batch,
                 args.lr, args.seed, args.threads, patch=args.patch, init=args.init,
-                hold=tuple(args.hold)))
+                hold=tuple(args.hold), depth=args.depth))
 
 
 if __name__ == "__main__":
