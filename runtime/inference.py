@@ -206,7 +206,6 @@ class Predictor:
                 progress(done, len(grid))
         return stitcher.out
 
-
     def stream_classes(self, scene: Scene, overlap: int = 16, batch_size: int = 4,
                        errors: list | None = None,
                        progress: Callable[[int, int], None] | None = None, block: int = 256

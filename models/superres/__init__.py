@@ -23,9 +23,13 @@ HERE = Path(__file__).resolve().parent
 # 0.2.0 of superres-sharpen adds the per-window detail injection (model.local_detail); the ×2
 # model keeps its 0.1 architecture.
 VERSIONS = {"x2": "0.1.0", "sharpen": "0.2.0"}
+# The window of superres-sharpen's local fit (model.local_detail), in pixels of the input grid:
+# 15 either side, a few hundred pixels per fit, small enough to follow a field's edge. Kept here,
+# torch-free, because the bundle's stated context follows from it.
+FIT_WINDOW = 31
 # Input pixels each side that the guided sharpening reads: the fit's window radius, the low-pass
 # in front of it (2) and the body's seven 3 x 3 convolutions.
-SHARPEN_CONTEXT = 31 // 2 + 2 + 7
+SHARPEN_CONTEXT = FIT_WINDOW // 2 + 2 + 7
 TILES = {"x2": 128, "sharpen": 256}
 X2_BANDS = ["blue", "green", "red", "nir"]
 # Sensor names: "rededge" names three Sentinel-2 bands, so common names would be ambiguous.

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from onboard.models.superres import FIT_WINDOW
+
 # Reflectance statistics of the training scenes, rounded: a fixed centring for the body input.
 MEAN_10 = (0.12, 0.11, 0.11, 0.20)
 MEAN_20 = (0.13, 0.18, 0.20, 0.22, 0.22, 0.16)
@@ -106,6 +108,11 @@ class SuperRes2x(nn.Module):
         return skip - residual / (-1.0 / SPREAD)  # Div and Sub stay float: see the docstring
 
 
+def _smooth3(x: torch.Tensor) -> torch.Tensor:
+    """3 x 3 mean, edges averaged over what is inside the image."""
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
 def _box2(x: torch.Tensor) -> torch.Tensor:
     """The mean of the 2 x 2 block starting at every pixel: a 20 m average that does not depend
     on where a tile starts (the phase of the 2 x 2 blocks)."""
@@ -140,10 +147,6 @@ def _cholesky_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack(solution, 1)
 
 
-# The window of the local fit, in pixels of the input grid (31 = 15 either side: a few hundred
-# pixels per fit, small enough to follow a field's edge). A tiled run needs this much overlap
-# plus the body's reach for its tiles to agree with a whole-image run.
-FIT_WINDOW = 31
 # Ridge of the fit: relative to the window's variance of the 10 m bands, plus an absolute floor
 # (20 DN of texture): a flat window (water, a cloud deck) gets small coefficients, not a fit to
 # noise.
@@ -170,7 +173,7 @@ def local_detail(fine: torch.Tensor, coarse_low: torch.Tensor,
     from scene to scene and field to field, and the fit reads it from the data. It depends only
     on the window, so a tiled run agrees with a whole-image one. Inputs are centred on fixed
     band means first, for float32's sake."""
-    fine_low = F.avg_pool2d(_box2(fine), 3, stride=1, padding=1, count_include_pad=False)
+    fine_low = _smooth3(_box2(fine))
     f = fine_low - fine_mean
     c = coarse_low - coarse_mean
     k, m = f.shape[1], c.shape[1]
@@ -210,18 +213,17 @@ class Sharpen20(nn.Module):
         self.guided = guided
         self.register_buffer("mean", torch.tensor(MEAN_10 + MEAN_20).view(1, 10, 1, 1))
         self.body = _Body(16 if guided else 10, width, depth, 6, 3)
-        self.smooth = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
         if guided:
             self.detail_share = nn.Parameter(torch.zeros(1, 6, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = self.smooth(x[:, 4:10])
+        skip = _smooth3(x[:, 4:10])
         features = _centred(x, self.mean)
         if self.guided:
             detail = local_detail(x[:, :4], skip, self.mean[:, :4], self.mean[:, 4:])
             features = torch.cat([features, torch.clamp(detail / SPREAD, -RESIDUAL_LIMIT,
                                                         RESIDUAL_LIMIT)], 1)
-            skip = skip - detail * self.detail_share / (-1.0)
+            skip = skip + detail * self.detail_share  # float: outside /body/
         return skip - self.body(features) / (-1.0 / SPREAD)  # float: see above
 
     def load_unguided(self, state: dict[str, torch.Tensor]) -> None:
