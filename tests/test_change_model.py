@@ -17,7 +17,9 @@ from onboard.models.change.metrics import auprc, pixel_baselines  # noqa: E402
 from onboard.models.change.model import build  # noqa: E402
 from onboard.models.change.scoring import (  # noqa: E402
     CELL,
+    SUBCELLS,
     calibrated,
+    cell_distance,
     memory_score,
     quantise,
 )
@@ -105,8 +107,12 @@ def test_bundle_latents_match_the_torch_model_on_a_real_crop(bands, test_data):
             np.testing.assert_allclose(z1, t1, atol=1e-4 * spread, rtol=1e-4)
             np.testing.assert_allclose(z2, t2, atol=1e-4 * spread, rtol=1e-4)
         else:
-            # INT8 activations: within a few per cent of the latent range, scores close.
-            assert float(np.abs(z1 - t1).max()) < 0.08 * spread
+            # INT8 activations: about a per cent of the store's code range on average (at
+            # most a tenth anywhere), scores close.
+            code_range = 127 * change["latent_scale"]
+            error = np.abs(z1 - t1)
+            assert float(error.mean()) < 0.015 * code_range
+            assert float(error.max()) < 0.1 * code_range
             ours = memory_score(z2[0], [quantise(z1[0], change["latent_scale"])], change)
             ref = memory_score(t2[0], [quantise(t1[0], change["latent_scale"])], change)
             assert float(np.abs(ours - ref).max()) < 0.1
@@ -137,8 +143,9 @@ def test_auprc_is_average_precision():
 
 def test_heldout_auprc_beats_the_pixel_baselines_pooled(shared_data):
     """13-band committed weights on the held-out cities (never trained or calibrated on), the
-    same cells for all scorers. Pooled only: per city the pixel baselines still win on beihai
-    (RMSE) and nantes (cosine), see models/change/card.md."""
+    same cells for all scorers: 0.423 pooled against 0.274 (RMSE) when written; version 0.1
+    scored 0.300, which this bound would refuse. Per city the pixel baselines still win on
+    nantes, see models/change/card.md."""
     if not (shared_data / "oscd" / "beihai").is_dir():
         pytest.skip("the OSCD cities are not in the shared data")
     torch.set_num_threads(1)
@@ -152,7 +159,7 @@ def test_heldout_auprc_beats_the_pixel_baselines_pooled(shared_data):
     for city in dataset.load_cities(shared_data, dataset.HELDOUT, 13):
         z1 = dataset.run_tiled(encode, city.before)
         z2 = dataset.run_tiled(encode, city.after)
-        ours.append(np.sqrt(((z1 - z2) ** 2).sum(0)).ravel())
+        ours.append(cell_distance(z1, z2, subcells=SUBCELLS).ravel())
         base = pixel_baselines(city.before_dn, city.after_dn)
         cos.append(base["cosine"].ravel())
         rmse.append(base["rmse"].ravel())
@@ -160,4 +167,4 @@ def test_heldout_auprc_beats_the_pixel_baselines_pooled(shared_data):
     y = np.concatenate(truth)
     pooled = {name: auprc(np.concatenate(s), y)
               for name, s in (("ours", ours), ("cosine", cos), ("rmse", rmse))}
-    assert pooled["ours"] > max(pooled["cosine"], pooled["rmse"]) + 0.02, pooled
+    assert pooled["ours"] > max(pooled["cosine"], pooled["rmse"]) + 0.10, pooled

@@ -14,13 +14,13 @@ import pytest
 import tifffile
 
 from onboard.runtime import pipeline
-from onboard.runtime.bundle import InputSpec, Manifest, OutputSpec, write_bundle
+from onboard.runtime.bundle import Bundle, InputSpec, Manifest, OutputSpec, write_bundle
 from onboard.runtime.config import config_from_dict
 from onboard.runtime.engines import open_engine
 from onboard.runtime.errors import ConfigError
 from onboard.runtime.georef import read_georef
 from onboard.runtime.sources.oscd import OscdScene
-from onboard.runtime.stages.change import NO_SCORE, change_raster
+from onboard.runtime.stages.change import NO_SCORE, ChangeParams, change_raster
 from onboard.runtime.store.reference import LADDER_STEP, ReferenceStore
 from onboard.runtime.telemetry import Telemetry
 
@@ -91,8 +91,9 @@ def test_date_1_is_new_and_date_2_is_scored_against_its_clear_cells(sample_run):
 def test_cloudy_cells_are_neither_scored_nor_kept(sample_run):
     result, out = sample_run
     first = result.acquisitions[0]
-    store = ReferenceStore(out / "state" / "reference", dim=32, k=3,
-                           model="change-13band@0.1.0")
+    manifest = Bundle.open(CHANGE).manifest
+    store = ReferenceStore(out / "state" / "reference", dim=manifest.output.channels, k=3,
+                           model=f"{manifest.name}@{manifest.version}")
     assert store.places == sum(s.values["change_new_cells"] for s in first.scores) + sum(
         s.values["change_new_cells"] for s in result.acquisitions[1].scores)
     masks = {tile: np.frombuffer(imagecodecs.zstd_decode(blob["cloud"]), np.uint8)
@@ -243,6 +244,46 @@ def test_a_cloud_bundle_is_not_a_change_bundle(sample_pass, tmp_path):
     config = config_from_dict(_sections(sample_pass, change=CLOUD))
     with pytest.raises(ConfigError, match="change bundle"):
         pipeline.Pipeline(config, Telemetry(), tmp_path / "state")
+
+
+def _params(**change: object) -> ChangeParams:
+    block = {"distance": "l2", "latent_scale": 0.5, "calibration": {"a": 1.0, "b": 0.0},
+             "cell_size": 32, **change}
+    manifest = Manifest(
+        name="params", version="0.0.1", task="change",
+        inputs=[InputSpec(bands=["blue"], scale=[1.0], offset=[0.0], tile_size=32, gsd_m=10.0,
+                          name="input")],
+        outputs=[OutputSpec(kind="vector", channels=32, cell_size=32, name="latent")],
+        precision="fp32", engines={"onnxruntime": "model.onnx"}, extra={"change": block})
+    return ChangeParams.from_manifest(manifest, "test.onboard")
+
+
+def test_a_cells_distance_is_its_most_changed_sub_cell():
+    """16 sub-cells of 2 features each (feature-major): the stage's distance is the largest
+    sub-cell's, the model package's rule agrees on random codes, and cosine cannot split."""
+    params = _params(subcells=16)
+    codes = np.zeros((2, 32), np.int8)
+    reference = np.zeros((2, 1, 32), np.int8)
+    codes[0, [3, 16 + 3]] = (6, 8)  # sub-cell 3 moved by (6, 8): L2 10
+    codes[0, [5, 16 + 7]] = (6, 6)  # sub-cells 5 and 7 moved by 6 each
+    codes[1, :16] = 4  # the first feature of every sub-cell of the second cell moved by 4
+    present = np.ones((2, 1), bool)
+    distance = params.min_distance(codes, reference, present)
+    # Whole-cell L2 would be sqrt(100 + 72) = 13.1 and sqrt(16 * 16) = 16; the sub-cell rule:
+    np.testing.assert_allclose(distance, [10 * 0.5, 4 * 0.5])
+    scoring = pytest.importorskip("onboard.models.change.scoring")
+    rng = np.random.default_rng(1)
+    codes = rng.integers(-127, 128, (50, 32)).astype(np.int8)
+    reference = rng.integers(-127, 128, (50, 1, 32)).astype(np.int8)
+    ours = params.min_distance(codes, reference, np.ones((50, 1), bool))
+    theirs = scoring.cell_distance(scoring.dequantise(codes, 0.5),
+                                   scoring.dequantise(reference[:, 0], 0.5), axis=1,
+                                   subcells=16)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    with pytest.raises(ConfigError, match="subcells"):
+        _params(distance="cosine", subcells=16)
+    with pytest.raises(ConfigError, match="subcells"):
+        _params(subcells=0)
 
 
 def test_onboard_predict_reference_writes_the_score_raster(sample_pass, tmp_path):

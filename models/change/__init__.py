@@ -28,7 +28,7 @@ import numpy as np
 from onboard.models.zoo import ZooModel, register
 
 HERE = Path(__file__).resolve().parent
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 TILE = 256
 CELL = 32
 
@@ -48,7 +48,7 @@ def change_block(bands: int) -> dict[str, Any]:
 
     info = calibration(bands)
     return change_extra(info["latent_scale"], info["a"], info["b"], info["distance"],
-                        heldout_cities=info["heldout_cities"],
+                        subcells=info["subcells"], heldout_cities=info["heldout_cities"],
                         calibration_cities=info["calibration_cities"])
 
 
@@ -92,7 +92,8 @@ def metric(outputs: list[np.ndarray], labels: list[np.ndarray], bands: int = 13)
     from onboard.models.change.metrics import pooled_auprc
 
     info = calibration(bands)
-    return pooled_auprc(outputs, labels, info["distance"], info["latent_scale"])
+    return pooled_auprc(outputs, labels, info["distance"], info["latent_scale"],
+                        info["subcells"])
 
 
 BANDS = {13: ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10",

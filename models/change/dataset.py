@@ -5,9 +5,9 @@ Split (fixed; never changed after looking at numbers):
 * held out, for every number reported and for the compiler's gate: beihai, bordeaux, nantes;
 * training: abudhabi, aguasclaras, bercy, hongkong, paris (labelled), which also fit the latent
   scale and the score calibration;
-* for choosing the recipe only (``train.py --validate``): train on four of them and score
-  aguasclaras (``VALIDATION``) as training goes; the committed weights are then trained on all
-  five with the step count that run chose;
+* for choosing the recipe only (``train.py --validate [CITY]``): train on four of them and
+  score the fifth as training goes (aguasclaras, ``VALIDATION``, by default; version 0.2 was
+  also chosen on a second fold, bercy); the committed weights are then trained on all five;
 * the ten unlabelled cities are used only for the K-memory sequences of the evaluation.
 
 Cities are read through :class:`onboard.runtime.sources.oscd.OscdPair` (date 2 resampled onto

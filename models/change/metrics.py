@@ -45,22 +45,22 @@ def pixel_baselines(before: np.ndarray, after: np.ndarray) -> dict[str, np.ndarr
 
 
 def latent_distances(latents: np.ndarray, distance: str = "l2",
-                     latent_scale: float | None = None) -> np.ndarray:
+                     latent_scale: float | None = None, subcells: int = 1) -> np.ndarray:
     """A gate batch's output (2T, D, h, w), date 1 windows then date 2 -> (T, h, w) distances,
     through the store's int8 codes when ``latent_scale`` is given."""
     z = np.asarray(latents, np.float32)
     if latent_scale is not None:
         z = dequantise(quantise(z, latent_scale), latent_scale)
     t = z.shape[0] // 2
-    return cell_distance(z[:t], z[t:], distance, axis=1)
+    return cell_distance(z[:t], z[t:], distance, axis=1, subcells=subcells)
 
 
 def pooled_auprc(outputs: list[np.ndarray], labels: list[np.ndarray], distance: str = "l2",
-                 latent_scale: float | None = None) -> float:
+                 latent_scale: float | None = None, subcells: int = 1) -> float:
     """The gate metric: AUPRC over every labelled cell of every batch (city) at once."""
     scores, truth = [], []
     for out, y in zip(outputs, labels, strict=True):
-        d = latent_distances(out, distance, latent_scale)
+        d = latent_distances(out, distance, latent_scale, subcells)
         y = np.asarray(y)
         keep = y >= 0
         scores.append(d[keep])

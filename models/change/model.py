@@ -10,13 +10,17 @@ The interface the flight runtime relies on (the change stage and the reference s
   common name), or 4 for the RGB+NIR variant (``blue``, ``green``, ``red``, ``nir``). ``H`` and
   ``W`` are multiples of 32 (``tile_size`` 256 in the manifest; the graph takes any multiple).
   One output named ``"latent"``, kind ``vector``, ``cell_size`` 32: ``(N, D, H/32, W/32)``, one
-  ``D``-dimensional latent (``D`` = :data:`LATENT_DIM`) per 32 x 32 pixel cell (320 m at 10 m).
-  Fully convolutional with stride 32, so a cell's latent depends only on pixels around it, not on
-  where the tile window starts (up to the zero padding at window edges).
+  ``D``-long latent (``D`` = :data:`LATENT_DIM` = 8 x 16) per 32 x 32 pixel cell (320 m at
+  10 m): the 8-long latents of its 16 sub-cells of 8 x 8 px, feature-major (element
+  ``f * 16 + s`` is feature ``f`` of sub-cell ``s = 4 * row + column``). Fully convolutional
+  with stride 8 and sub-cells grouped by 4 x 4, so a cell's latent depends only on pixels
+  around it, not on where a tile window on the cell grid starts (up to the zero padding at
+  window edges).
 * ``manifest.extra["change"]`` (:func:`change_extra`)::
 
       {"distance": "l2",            # or "cosine"; between dequantised latents of one cell
        "latent_scale": s,           # int8 codes q = clip(round(z / s), -127, 127); z ~ q * s
+       "subcells": 16,              # a cell's distance: the largest of its sub-cells' L2
        "calibration": {"a": a, "b": b},   # score = sigmoid(a * d + b), d the distance
        "cell_size": 32,
        "positive_rule": "more than 1 % of the cell's pixels changed",
@@ -32,8 +36,9 @@ The interface the flight runtime relies on (the change stage and the reference s
   The runtime quantises the new latent exactly as the references were before measuring the
   distance, so scores do not depend on whether a latent came from the store or the engine.
 
-The network uses only Conv, ReLU and stride-2 downsampling (batch norm folds into the
-convolutions at export), so it exports to ONNX opset 17 and quantises to INT8 cleanly.
+The network uses only Conv, ReLU, one 4 x 4 average pool and the final ``pixel_unshuffle``
+(Reshape and Transpose); batch norm folds into the convolutions at export, so it exports to ONNX
+opset 17 and quantises to INT8 cleanly.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from onboard.models.change.scoring import (  # noqa: F401  (the interface, re-ex
     OUTPUT_NAME,
     POSITIVE_FRACTION,
     POSITIVE_RULE,
+    SUB_DIM,
+    SUBCELLS,
     TILE,
     band_names,
     calibrated,
@@ -68,47 +75,59 @@ from onboard.models.change.scoring import (  # noqa: F401  (the interface, re-ex
 
 
 class _ConvBN(nn.Sequential):
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+    def __init__(self, cin: int, cout: int, stride: int = 1, kernel: int = 3) -> None:
+        super().__init__(nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2,
+                                   bias=False),
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class ChangeEncoder(nn.Module):
-    """Five stride-2 3x3 stages (1/2 ... 1/32) and a 1x1 projection to the latent.
+    """Per-pixel spectral features, averaged over 4 x 4 px, context at 1/4 and 1/8, and one
+    ``sub_dim``-long latent per 8 x 8 px sub-cell; a 32 x 32 cell's latent is its 16 sub-cells'
+    (:data:`SUBCELLS`), feature-major (``pixel_unshuffle``: element ``f * 16 + s`` is feature
+    ``f`` of sub-cell ``s``, ``s = 4 * row + column``).
 
-    About 80 M multiply-accumulates per 256 x 256 tile (1.2 k per input pixel).
+    Why sub-cells: a cell is changed when more than 1 % of it (ten pixels) changed, and a cell
+    latent dilutes a change that small in the rest of the cell; the distance is the largest over
+    the sub-cells. About 4.6 k multiply-accumulates per input pixel (300 M per 256 x 256 tile).
     """
 
-    def __init__(self, in_bands: int = 13, latent_dim: int = LATENT_DIM,
-                 widths: tuple[int, ...] = (24, 32, 48, 64, 64)) -> None:
+    def __init__(self, in_bands: int = 13, sub_dim: int = SUB_DIM, width: int = 32) -> None:
         super().__init__()
         self.in_bands = in_bands
-        self.latent_dim = latent_dim
-        layers: list[nn.Module] = []
-        cin = in_bands
-        for i, width in enumerate(widths):
-            layers.append(_ConvBN(cin, width, stride=2))
-            if i in (2, 3):  # 1/8 and 1/16: a second conv where cells start to see context
-                layers.append(_ConvBN(width, width))
-            cin = width
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Conv2d(cin, latent_dim, 1)
+        self.latent_dim = sub_dim * SUBCELLS
+        self.spectral = nn.Sequential(_ConvBN(in_bands, width, kernel=1),
+                                      _ConvBN(width, width, kernel=1))
+        self.pool = nn.AvgPool2d(4)
+        self.context = nn.Sequential(_ConvBN(width, 48), _ConvBN(48, 48),
+                                     _ConvBN(48, 64, stride=2), _ConvBN(64, 64))
+        self.head = nn.Conv2d(64, sub_dim, 1)
+
+    def subcell_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, sub_dim, H/8, W/8): one latent per 8 x 8 px sub-cell."""
+        return self.head(self.context(self.pool(self.spectral(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return nn.functional.pixel_unshuffle(self.subcell_latents(x), CELL // 8)
+
+
+def subcell_distances(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """(N, S, h, w) L2 distance of each sub-cell between two (N, d x S, h, w) cell latents."""
+    n, dim, h, w = z1.shape
+    squared = ((z1 - z2) ** 2).view(n, dim // SUBCELLS, SUBCELLS, h, w).sum(1)
+    return torch.sqrt(squared + 1e-6)
 
 
 class PairHead(nn.Module):
-    """Training only: the logistic link from a cell's latent distance to "changed"."""
+    """Training only: a logistic link from a latent distance to "changed"."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Parameter(torch.tensor(1.0))
         self.b = nn.Parameter(torch.tensor(-2.0))
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        d = torch.sqrt(((z1 - z2) ** 2).sum(1) + 1e-6)
-        return self.a * d + self.b
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        return self.a * distance + self.b
 
 
 def build(bands: int = 13) -> ChangeEncoder:

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 
 CELL = 32
-LATENT_DIM = 32
+SUBCELLS = 16  # 8 x 8 px sub-cells of a 32 x 32 cell, each with its own latent
+SUB_DIM = 8
+LATENT_DIM = SUB_DIM * SUBCELLS
 TILE = 256
 INPUT_NAME = "input"
 OUTPUT_NAME = "latent"
@@ -74,13 +76,25 @@ def dequantise(q: np.ndarray, latent_scale: float) -> np.ndarray:
     return np.asarray(q, np.float32) * np.float32(latent_scale)
 
 
-def cell_distance(z1: np.ndarray, z2: np.ndarray, distance: str = "l2", axis: int = 0
-                  ) -> np.ndarray:
-    """Distance between latents along ``axis`` (the latent dimension)."""
+def cell_distance(z1: np.ndarray, z2: np.ndarray, distance: str = "l2", axis: int = 0,
+                  subcells: int = 1) -> np.ndarray:
+    """Distance between latents along ``axis`` (the latent dimension).
+
+    With ``subcells`` S > 1 the latent holds S sub-cell latents, feature-major (``D = d x S``,
+    element ``f * S + s`` is feature ``f`` of sub-cell ``s``), and a cell's L2 distance is the
+    largest over its sub-cells: a change a few pixels wide is not diluted by the rest of the
+    cell."""
     z1, z2 = np.asarray(z1, np.float32), np.asarray(z2, np.float32)
     if distance == "l2":
-        return np.sqrt(((z1 - z2) ** 2).sum(axis))
+        diff = np.moveaxis(z1 - z2, axis, -1)
+        if diff.shape[-1] % subcells:
+            raise ValueError(f"a latent of {diff.shape[-1]} values does not split into "
+                             f"{subcells} sub-cells")
+        diff = diff.reshape(*diff.shape[:-1], -1, subcells)
+        return np.sqrt((diff ** 2).sum(-2)).max(-1)
     if distance == "cosine":
+        if subcells != 1:
+            raise ValueError("the cosine distance is of whole cells (subcells = 1)")
         dot = (z1 * z2).sum(axis)
         norms = np.sqrt((z1 ** 2).sum(axis) * (z2 ** 2).sum(axis))
         return 1.0 - dot / np.maximum(norms, 1e-12)
@@ -103,13 +117,15 @@ def memory_score(latent: np.ndarray, references: list[np.ndarray], change: dict[
         raise ValueError("a cell with no reference has no change score ('new')")
     s = float(change["latent_scale"])
     z = dequantise(quantise(latent, s), s)
-    d = np.min([cell_distance(z, dequantise(r, s), change["distance"]) for r in references],
-               axis=0)
+    subcells = int(change.get("subcells", 1))
+    d = np.min([cell_distance(z, dequantise(r, s), change["distance"], subcells=subcells)
+                for r in references], axis=0)
     return calibrated(d, change["calibration"]["a"], change["calibration"]["b"])
 
 
 def change_extra(latent_scale: float, a: float, b: float, distance: str = "l2",
-                 latent_dim: int = LATENT_DIM, **more: Any) -> dict[str, Any]:
+                 latent_dim: int = LATENT_DIM, subcells: int = SUBCELLS, **more: Any
+                 ) -> dict[str, Any]:
     """The ``manifest.extra["change"]`` block the runtime reads (see the module docstring)."""
     for name, value in (("latent_scale", latent_scale), ("a", a), ("b", b)):
         if not math.isfinite(value):
@@ -119,7 +135,7 @@ def change_extra(latent_scale: float, a: float, b: float, distance: str = "l2",
     return {"distance": distance, "latent_scale": float(latent_scale),
             "calibration": {"a": float(a), "b": float(b)}, "cell_size": CELL,
             "positive_rule": POSITIVE_RULE, "memory": "min over the last K references",
-            "latent_dim": int(latent_dim), **more}
+            "latent_dim": int(latent_dim), "subcells": int(subcells), **more}
 
 
 def manifest(bands: int, change: dict[str, Any], precision: str, engines: dict[str, str],

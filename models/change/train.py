@@ -2,23 +2,27 @@
 
     python -m onboard.models.change.train --bands 13 [--steps 2500] [--data ../shared/data]
 
-Siamese and supervised: both dates of a crop go through the same encoder, and the L2 distance
-between the two latents of each 32 x 32 cell, through a learnt logistic link, is fitted to the
-OSCD label of the cell (changed when more than 1 % of its pixels changed) with binary cross
-entropy. Unchanged cells are pulled together, changed ones pushed apart, and the per-date gains
-and offsets of :class:`PairSampler` teach that illumination and haze are not change.
+Siamese and supervised: both dates of a crop go through the same encoder. A cell's distance is
+the largest L2 distance between the two dates' latents of its 16 sub-cells (8 x 8 px); through
+a learnt logistic link it is fitted to the OSCD label of the cell (changed when more than 1 %
+of its pixels changed) with binary cross entropy, and each sub-cell's distance, through its own
+link, to whether that sub-cell changed (more than 10 % of it; none of it for a negative). The
+per-date gains and offsets of :class:`PairSampler` teach that illumination and haze are not
+change.
 
-With ``--validate`` (choosing the recipe), aguasclaras is left out of training and the encoder
-is scored on it (AUPRC of cells) every 250 steps. Without it (the committed weights), all five
-training cities are used for a fixed number of steps. Then, encoded window by window as on
-board, on the training cities (never on a held-out city):
+With ``--validate CITY`` (choosing the recipe; aguasclaras when no city is named), that
+training city is left out of training and the encoder is scored on it (AUPRC of cells) every
+250 steps. Without it (the committed weights), all five training cities are used for a fixed
+number of steps. Then, encoded window by window as on board, on the training cities (never on
+a held-out city):
 
 * ``latent_scale``: the 99.99th percentile of |latent| / 127, the int8 step of the store;
 * the calibration ``a``, ``b``: logistic regression of the cell label on the distance between
   the int8-dequantised latents (on the validation city with ``--validate``).
 
 The committed weights: ``python -m onboard.models.change.train --bands 13 --steps 1500`` and the
-same with ``--bands 4`` (1500: the best validation step of the ``--validate`` run with 3000).
+same with ``--bands 4`` (1500 steps, as version 0.1; the recipe was chosen on two folds,
+``--validate aguasclaras`` and ``--validate bercy``, see the card).
 
 Writes ``weights_{bands}band.pt`` (the encoder's state_dict) and ``calibration_{bands}band.json``
 beside this file. torch runs on one thread: the machine is shared.
@@ -39,21 +43,27 @@ from torch.nn import functional as F
 from onboard.models.change import dataset
 from onboard.models.change.model import (
     POSITIVE_FRACTION,
+    SUBCELLS,
     PairHead,
     build,
     cell_distance,
     dequantise,
     quantise,
+    subcell_distances,
 )
 
 HERE = Path(__file__).resolve().parent
-# ChangeEncoder.features[:6] ends at 1/16 resolution with 64 channels.
-FINE_LAYERS = 6
+# A sub-cell (64 px) is a positive of the auxiliary loss when more than 10 % of it changed, a
+# negative when none of it did; the few changed pixels in between are left out.
+SUBCELL_POSITIVE = 0.1
 
 
-def _fraction16(masks: np.ndarray) -> np.ndarray:
+def subcell_fraction(masks: np.ndarray) -> torch.Tensor:
+    """(n, S, h, w): the changed fraction of each 8 x 8 sub-cell, in the latent's sub-cell
+    order (``pixel_unshuffle``, as :class:`ChangeEncoder` lays them out)."""
     n, h, w = masks.shape
-    return masks.reshape(n, h // 16, 16, w // 16, 16).mean((2, 4))
+    eighths = masks.reshape(n, h // 8, 8, w // 8, 8).mean((2, 4), dtype=np.float32)
+    return F.pixel_unshuffle(torch.from_numpy(eighths)[:, None], 4)
 
 
 def weights_path(bands: int) -> Path:
@@ -99,7 +109,7 @@ def validation_auprc(model: torch.nn.Module, cities: list[dataset.City]) -> floa
 
     model.eval()
     pairs = _latent_pairs(model, cities)
-    d = np.concatenate([cell_distance(a, b).ravel() for a, b, _ in pairs])
+    d = np.concatenate([cell_distance(a, b, subcells=SUBCELLS).ravel() for a, b, _ in pairs])
     y = np.concatenate([np.asarray(t).ravel() for _, _, t in pairs])
     return auprc(d, y)
 
@@ -115,7 +125,7 @@ def calibrate(model: torch.nn.Module, training: list[dataset.City],
     ds, ys = [], []
     for a, b, y in _latent_pairs(model, calibration):
         qa, qb = dequantise(quantise(a, scale), scale), dequantise(quantise(b, scale), scale)
-        ds.append(cell_distance(qa, qb, distance).ravel())
+        ds.append(cell_distance(qa, qb, distance, subcells=SUBCELLS).ravel())
         ys.append(np.asarray(y).ravel())
     d, y = np.concatenate(ds), np.concatenate(ys)
     a, b = fit_logistic(d, y)
@@ -126,26 +136,24 @@ def calibrate(model: torch.nn.Module, training: list[dataset.City],
 
 def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop: int = 128,
           lr: float = 2e-3, seed: int = 0, log_every: int = 100, val_every: int = 250,
-          self_pairs: float = 0.0, pasted: float = 0.0, fine_weight: float = 0.0,
-          validate: bool = False) -> tuple[Any, dict[str, Any]]:
+          self_pairs: float = 0.0, pasted: float = 0.0, subcell_weight: float = 1.0,
+          validate: str | None = None) -> tuple[Any, dict[str, Any]]:
     import copy
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    names = [c for c in dataset.TRAINING if not validate or c not in dataset.VALIDATION]
+    if validate is not None and validate not in dataset.TRAINING:
+        raise ValueError(f"validate on a training city {dataset.TRAINING}, not {validate!r}")
+    names = [c for c in dataset.TRAINING if c != validate]
     cities = dataset.load_cities(data_root, names, bands)
-    validation = dataset.load_cities(data_root, dataset.VALIDATION, bands) if validate else []
+    validation = dataset.load_cities(data_root, [validate], bands) if validate else []
     best: tuple[float, int, dict[str, Any]] = (-1.0, 0, {})
     history = []
     extra = dataset.load_cities(data_root, dataset.UNLABELLED, bands) if self_pairs else []
     sampler = dataset.PairSampler(cities, crop=crop, seed=seed, self_pairs=self_pairs,
                                   extra_images=extra, pasted=pasted)
-    model, head = build(bands), PairHead()
-    params = list(model.parameters()) + list(head.parameters())
-    fine = None
-    if fine_weight > 0:
-        fine = torch.nn.ModuleList([torch.nn.Conv2d(64, 16, 1), PairHead()])
-        params += list(fine.parameters())
+    model, head, subcell_head = build(bands), PairHead(), PairHead()
+    params = [*model.parameters(), *head.parameters(), *subcell_head.parameters()]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps,
                                                    pct_start=0.1)
@@ -155,23 +163,16 @@ def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop:
     for step in range(1, steps + 1):
         a, b, masks = sampler.batch_masks(batch)
         y = (dataset.cell_fraction(masks) > POSITIVE_FRACTION).astype(np.float32)
-        x = torch.from_numpy(np.concatenate([a, b]))
-        if fine is None:
-            z = model(x)
-        else:
-            mid = model.features[:FINE_LAYERS](x)
-            z = model.head(model.features[FINE_LAYERS:](mid))
-        z1, z2 = z[:batch], z[batch:]
-        logits = head(z1, z2)
-        target = torch.from_numpy(y)
-        loss = F.binary_cross_entropy_with_logits(logits, target)
-        if fine is not None:
-            # Training only: the same rule on 16 x 16 cells of the 1/16 features, four times
-            # the labels to say where inside a cell the change is.
-            f = fine[0](mid)
-            y16 = (_fraction16(masks) > POSITIVE_FRACTION).astype(np.float32)
-            loss = loss + fine_weight * F.binary_cross_entropy_with_logits(
-                fine[1](f[:batch], f[batch:]), torch.from_numpy(y16))
+        z = model(torch.from_numpy(np.concatenate([a, b])))
+        distances = subcell_distances(z[:batch], z[batch:])
+        # The cell's rule on its largest sub-cell distance (the runtime's), and 16 times the
+        # labels to say where inside a cell the change is.
+        loss = F.binary_cross_entropy_with_logits(head(distances.max(1).values),
+                                                  torch.from_numpy(y))
+        fraction = subcell_fraction(masks)
+        loss = loss + subcell_weight * F.binary_cross_entropy_with_logits(
+            subcell_head(distances), (fraction > SUBCELL_POSITIVE).float(),
+            weight=((fraction == 0) | (fraction > SUBCELL_POSITIVE)).float())
         # Keeps latents small and centred: the store's int8 step is set by their magnitude.
         loss = loss + 1e-3 * (z ** 2).mean()
         optimiser.zero_grad()
@@ -194,10 +195,11 @@ def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop:
         model.load_state_dict(best[2])
     model.eval()
     info = calibrate(model, cities, validation or cities)
+    info["subcells"] = SUBCELLS
     info.update({"bands": bands, "steps": steps, "best_step": best[1],
                  "validation_auprc": best[0], "validation_history": history,
                  "batch": batch, "crop": crop, "lr": lr, "self_pairs": self_pairs,
-                 "pasted": pasted, "fine_weight": fine_weight,
+                 "pasted": pasted, "subcell_weight": subcell_weight,
                  "seed": seed, "train_seconds": round(time.perf_counter() - started, 1),
                  "training_cities": names,
                  "validation_cities": [c.name for c in validation], "heldout_cities":
@@ -215,10 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--self-pairs", type=float, default=0.0,
                         help="share of pairs that are one image against itself (unchanged)")
-    parser.add_argument("--validate", action="store_true",
-                        help="leave aguasclaras out of training and score it as training goes")
-    parser.add_argument("--fine-weight", type=float, default=0.0,
-                        help="weight of the 16 x 16 cell auxiliary loss (training only)")
+    parser.add_argument("--validate", nargs="?", const=dataset.VALIDATION[0], default=None,
+                        metavar="CITY",
+                        help="leave this training city (default aguasclaras) out of training "
+                             "and score it as training goes")
+    parser.add_argument("--subcell-weight", type=float, default=1.0,
+                        help="weight of the loss on each 8 x 8 px sub-cell's distance")
     parser.add_argument("--pasted", type=float, default=0.0,
                         help="share of self pairs with pasted ground (synthetic change)")
     parser.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data")
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model, info = train(args.bands, args.data, args.steps, args.batch, args.crop, args.lr,
                         args.seed, self_pairs=args.self_pairs, pasted=args.pasted,
-                        fine_weight=args.fine_weight, validate=args.validate)
+                        subcell_weight=args.subcell_weight, validate=args.validate)
     out = args.out or HERE
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / weights_path(args.bands).name)

@@ -3,7 +3,9 @@ fed with the clear cells of every acquisition.
 
 The bundle is an encoder (task ``change``): one input, one ``vector`` output with ``cell_size``
 32, a latent per cell, and ``manifest.extra["change"]`` = ``{"distance": "l2" | "cosine",
-"latent_scale": s, "calibration": {"a", "b"}, "cell_size": 32}``. Per tile:
+"latent_scale": s, "calibration": {"a", "b"}, "cell_size": 32, "subcells": S}``. With S > 1
+(optional, default 1) a cell's latent is S sub-cell latents, feature-major, and its L2 distance
+is the largest over its sub-cells. Per tile:
 
 - The encoder runs on a window whose cell grid is the core's: the core's whole cells, the
   frame's context around them (the halo), and zeros (the mean input, as the model's own
@@ -87,6 +89,7 @@ class ChangeParams:
     a: float
     b: float
     cell_size: int
+    subcells: int = 1  # sub-cell latents per cell (feature-major); distance: the largest
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, where: str) -> ChangeParams:
@@ -97,13 +100,16 @@ class ChangeParams:
         try:
             params = cls(str(block["distance"]), float(block["latent_scale"]),
                          float(block["calibration"]["a"]), float(block["calibration"]["b"]),
-                         int(block["cell_size"]))
+                         int(block["cell_size"]), int(block.get("subcells", 1)))
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(f"{where}: extra.change is malformed: {type(error).__name__}: "
                               f"{error}") from error
         if params.distance not in DISTANCES:
             raise ConfigError(f"{where}: extra.change.distance must be one of {DISTANCES}, got "
                               f"{params.distance!r}")
+        if params.subcells < 1 or (params.subcells > 1 and params.distance != "l2"):
+            raise ConfigError(f"{where}: extra.change.subcells must be 1, or more with the l2 "
+                              f"distance, got {params.subcells} with {params.distance!r}")
         if not (params.latent_scale > 0 and math.isfinite(params.latent_scale)):
             raise ConfigError(f"{where}: extra.change.latent_scale must be positive, got "
                               f"{params.latent_scale}")
@@ -119,11 +125,14 @@ class ChangeParams:
     def min_distance(self, codes: np.ndarray, references: np.ndarray, present: np.ndarray
                      ) -> np.ndarray:
         """(n,) minimum distance from ``codes`` (n, D) to each cell's present ``references``
-        (n, K, D), both int8 codes; NaN where a cell has none."""
+        (n, K, D), both int8 codes; NaN where a cell has none. With sub-cells, a reference's
+        distance is the largest over the cell's sub-cells."""
         q = codes.astype(np.float32)[:, None, :]
         r = references.astype(np.float32)
         if self.distance == "l2":
-            d = np.sqrt(((q - r) ** 2).sum(-1)) * np.float32(self.latent_scale)
+            n, k, dim = r.shape
+            squared = ((q - r) ** 2).reshape(n, k, dim // self.subcells, self.subcells)
+            d = np.sqrt(squared.sum(-2)).max(-1) * np.float32(self.latent_scale)
         else:  # cosine does not see the scale
             norms = np.sqrt((q**2).sum(-1) * (r**2).sum(-1))
             d = 1.0 - (q * r).sum(-1) / np.maximum(norms, 1e-12)
@@ -408,6 +417,9 @@ def change_stage(engine: Engine, store_path: Path, *, k: int = 3,
     if output.cell_size != params.cell_size:
         raise ConfigError(f"{where}: output {output.name!r} has cell_size {output.cell_size} "
                           f"but extra.change.cell_size is {params.cell_size}")
+    if output.channels % params.subcells:
+        raise ConfigError(f"{where}: output {output.name!r} has {output.channels} channels, "
+                          f"which do not split into {params.subcells} sub-cell latents")
     expected = float(getattr(engine.input_spec, "radiometric_offset", 0.0))
     if expected != radiometric_offset:
         raise ConfigError(

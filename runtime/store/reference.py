@@ -64,10 +64,10 @@ new again when next seen.
 
 **Size.** A place costs ``6 + K × (D + 4)`` bytes: 2 (local index) + 4 (last seen) + K × (D
 code bytes + 4 commit number); plus 28 bytes per segment and about 200 bytes of manifest per
-region (64 × 64 places), under 0.1 byte per place. The change-13band bundle (D = 32) at
-K = 3: 114 bytes per place. A 1000 × 1000 km area of interest at 10 m holds (10⁶ m / 320 m)² =
-9.77 million places: 1.11 GB at D = 32, K = 3 (0.41 GB at K = 1; 2.05 GB at D = 64, K = 3;
-``bytes_for_area`` computes it for any D and K).
+region (64 × 64 places), under 0.1 byte per place. The change bundles 0.2 (D = 128: 16
+sub-cells × 8) at K = 3: 402 bytes per place. A 1000 × 1000 km area of interest at 10 m holds
+(10⁶ m / 320 m)² = 9.77 million places: 3.93 GB at D = 128, K = 3 (1.35 GB at K = 1; 1.11 GB
+at D = 32, K = 3, version 0.1's latent; ``bytes_for_area`` computes it for any D and K).
 """
 
 from __future__ import annotations
