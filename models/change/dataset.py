@@ -77,11 +77,12 @@ def load_cities(data_root: Path, names: tuple[str, ...] | list[str], bands: int 
     return [load_city(data_root, name, bands) for name in names]
 
 
-def cell_fraction(mask: np.ndarray) -> np.ndarray:
-    """Fraction of changed pixels per 32 x 32 cell of a (H, W) mask (H, W multiples of 32)."""
-    h, w = mask.shape[-2] // CELL, mask.shape[-1] // CELL
-    m = np.asarray(mask, np.float32)[..., : h * CELL, : w * CELL]
-    return m.reshape(*m.shape[:-2], h, CELL, w, CELL).mean((-3, -1))
+def cell_fraction(mask: np.ndarray, cell: int = CELL) -> np.ndarray:
+    """Fraction of changed pixels per ``cell`` x ``cell`` block (32: the cells) of a (..., H, W)
+    mask (H, W multiples of ``cell``)."""
+    h, w = mask.shape[-2] // cell, mask.shape[-1] // cell
+    m = np.asarray(mask, np.float32)[..., : h * cell, : w * cell]
+    return m.reshape(*m.shape[:-2], h, cell, w, cell).mean((-3, -1))
 
 
 def tile_starts(length: int, tile: int = TILE) -> list[int]:

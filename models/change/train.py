@@ -61,8 +61,7 @@ SUBCELL_POSITIVE = 0.1
 def subcell_fraction(masks: np.ndarray) -> torch.Tensor:
     """(n, S, h, w): the changed fraction of each 8 x 8 sub-cell, in the latent's sub-cell
     order (``pixel_unshuffle``, as :class:`ChangeEncoder` lays them out)."""
-    n, h, w = masks.shape
-    eighths = masks.reshape(n, h // 8, 8, w // 8, 8).mean((2, 4), dtype=np.float32)
+    eighths = dataset.cell_fraction(masks, 8)
     return F.pixel_unshuffle(torch.from_numpy(eighths)[:, None], 4)
 
 
