@@ -198,15 +198,20 @@ def _tiny_encoder(path: Path, dim: int = 8) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    manifest = Manifest(
+    manifest = _encoder_manifest(dim, {"distance": "cosine", "latent_scale": 0.002,
+                                       "calibration": {"a": 10.0, "b": -2.0}, "cell_size": 32})
+    return write_bundle(path, manifest, {"model.onnx": model.SerializeToString()})
+
+
+def _encoder_manifest(dim: int, change: dict[str, object]) -> Manifest:
+    """A 4-band change encoder's manifest: a ``dim``-long latent per cell, ``change`` its
+    ``extra.change`` block."""
+    return Manifest(
         name="tiny-encoder", version="0.0.1", task="change",
         inputs=[InputSpec(bands=["blue", "green", "red", "nir"], scale=[1e-4] * 4,
                           offset=[0.0] * 4, tile_size=32, gsd_m=10.0, name="input")],
         outputs=[OutputSpec(kind="vector", channels=dim, cell_size=32, name="latent")],
-        precision="fp32", engines={"onnxruntime": "model.onnx"},
-        extra={"change": {"distance": "cosine", "latent_scale": 0.002,
-                          "calibration": {"a": 10.0, "b": -2.0}, "cell_size": 32}})
-    return write_bundle(path, manifest, {"model.onnx": model.SerializeToString()})
+        precision="fp32", engines={"onnxruntime": "model.onnx"}, extra={"change": change})
 
 
 def test_cell_codes_do_not_depend_on_tile_size_or_halo(sample_pass, tmp_path):
@@ -249,13 +254,7 @@ def test_a_cloud_bundle_is_not_a_change_bundle(sample_pass, tmp_path):
 def _params(**change: object) -> ChangeParams:
     block = {"distance": "l2", "latent_scale": 0.5, "calibration": {"a": 1.0, "b": 0.0},
              "cell_size": 32, **change}
-    manifest = Manifest(
-        name="params", version="0.0.1", task="change",
-        inputs=[InputSpec(bands=["blue"], scale=[1.0], offset=[0.0], tile_size=32, gsd_m=10.0,
-                          name="input")],
-        outputs=[OutputSpec(kind="vector", channels=32, cell_size=32, name="latent")],
-        precision="fp32", engines={"onnxruntime": "model.onnx"}, extra={"change": block})
-    return ChangeParams.from_manifest(manifest, "test.onboard")
+    return ChangeParams.from_manifest(_encoder_manifest(32, block), "test.onboard")
 
 
 def test_a_cells_distance_is_its_most_changed_sub_cell():

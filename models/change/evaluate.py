@@ -36,8 +36,8 @@ import numpy as np
 from onboard.models.change import dataset
 from onboard.models.change.metrics import auprc, pixel_baselines
 from onboard.models.change.scoring import (
+    block_distance,
     calibrated,
-    cell_distance,
     dequantise,
     memory_score,
     quantise,
@@ -86,7 +86,7 @@ def city_scores(encode: Encode, city: dataset.City, change: dict[str, Any]
     z1 = dataset.run_tiled(encode, city.before)
     z2 = dataset.run_tiled(encode, city.after)
     q1, q2 = dequantise(quantise(z1, s), s), dequantise(quantise(z2, s), s)
-    d = cell_distance(q1, q2, change["distance"], subcells=int(change.get("subcells", 1)))
+    d = block_distance(q1, q2, change)
     base = pixel_baselines(city.before_dn, city.after_dn)
     out = {"distance": d, "score": memory_score(z2, [quantise(z1, s)], change),
            "cosine": base["cosine"], "rmse": base["rmse"], "z1": z1, "z2": z2}

@@ -101,6 +101,13 @@ def cell_distance(z1: np.ndarray, z2: np.ndarray, distance: str = "l2", axis: in
     raise ValueError(f"distance must be 'l2' or 'cosine', got {distance!r}")
 
 
+def block_distance(z1: np.ndarray, z2: np.ndarray, change: dict[str, Any], axis: int = 0
+                   ) -> np.ndarray:
+    """:func:`cell_distance` as a bundle's ``extra["change"]`` block states it (distance and
+    sub-cells; a block without ``subcells``, version 0.1's, has one latent per cell)."""
+    return cell_distance(z1, z2, change["distance"], axis, int(change.get("subcells", 1)))
+
+
 def calibrated(d: np.ndarray, a: float, b: float) -> np.ndarray:
     """The probability-like change score of a distance."""
     return (1.0 / (1.0 + np.exp(-(a * np.asarray(d, np.float64) + b)))).astype(np.float32)
@@ -117,9 +124,7 @@ def memory_score(latent: np.ndarray, references: list[np.ndarray], change: dict[
         raise ValueError("a cell with no reference has no change score ('new')")
     s = float(change["latent_scale"])
     z = dequantise(quantise(latent, s), s)
-    subcells = int(change.get("subcells", 1))
-    d = np.min([cell_distance(z, dequantise(r, s), change["distance"], subcells=subcells)
-                for r in references], axis=0)
+    d = np.min([block_distance(z, dequantise(r, s), change) for r in references], axis=0)
     return calibrated(d, change["calibration"]["a"], change["calibration"]["b"])
 
 
