@@ -292,3 +292,38 @@ def test_operating_point_keeps_f1_within_budget():
     assert choose(rows, 0.01)["offset"] == 0.1  # 0.3 costs too much F1; ties: smaller offset
     assert choose(rows, 0.05)["offset"] == 0.3
     assert choose(rows, 0.0)["offset"] == 0.0
+
+
+def test_synthetic_clouds_label_what_they_composite(shared_data):
+    from onboard.models.cloud.synthetic import SyntheticClouds, fractal_noise
+
+    rng = np.random.default_rng(0)
+    noise = fractal_noise(64, rng, beta=2.5)
+    assert noise.shape == (64, 64) and abs(noise.mean()) < 1e-4 and noise.std() == pytest.approx(1)
+    clouds = SyntheticClouds.from_scene(dataset.s2cloudless_distilled(shared_data))
+    # Thick-cloud spectra from the 13-band scene: bright, SWIR falling (water droplets absorb).
+    assert clouds.spectra[:, 0].min() >= 0.35
+    assert np.median(clouds.spectra[:, 5] / clouds.spectra[:, 0]) < 0.8
+    ground = dataset.oscd_distilled("saclay_w", 1, shared_data)  # clear by the teacher
+    x0 = ground.image[:, :128, :128].copy()
+    y0 = ground.labels[:128, :128].copy()
+    y0[:8] = dataset.IGNORE  # as if the teacher had been unsure there
+    seen = {dataset.CLOUD: 0, dataset.SHADOW: 0}
+    for seed in range(12):
+        x, y = clouds(x0, y0, np.random.default_rng(seed))
+        assert x.shape == x0.shape and x.dtype == np.float32 and np.isfinite(x).all()
+        assert set(np.unique(y)) <= {dataset.CLEAR, dataset.CLOUD, dataset.SHADOW,
+                                     dataset.NOT_CLOUD, dataset.IGNORE}
+        cloud, shadow = y == dataset.CLOUD, y == dataset.SHADOW
+        if cloud.sum() > 50:
+            # At least cloud_alpha of a >= 0.28-blue cloud over a ~0.1 ground: brighter.
+            assert (x[0][cloud] - x0[0][cloud]).mean() > 0.06
+        if shadow.sum() > 50:
+            assert (x[3][shadow] / np.maximum(x0[3][shadow], 1e-3)).mean() < 0.85
+        # What stays clear is nearly untouched; what the teacher left out stays out.
+        clear = y == dataset.CLEAR
+        assert np.abs(x[:, clear] - x0[:, clear]).mean() < 0.02
+        assert (y[(y0 == dataset.IGNORE) & ~cloud] == dataset.IGNORE).all()
+        for value in seen:
+            seen[value] += int((y == value).sum())
+    assert seen[dataset.CLOUD] > 0 and seen[dataset.SHADOW] > 0

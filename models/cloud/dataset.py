@@ -22,6 +22,7 @@ order of :data:`BANDS_6`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,9 @@ SHADOW_REACH_PX = 200
 # ukis-csmask as teacher: run at 30 m (OSCD averaged 3 x 3), labels where it is this sure.
 CSMASK_FACTOR = 3
 CSMASK_CONFIDENCE = 0.6
+# Training labels (0.4) take the teacher's argmax everywhere: the pixels it is less sure of are
+# cloud edges and thin cloud, and with them cut (0.3's 0.6) the student learnt to miss them.
+DISTILL_CONFIDENCE = 0.0
 
 
 @dataclass
@@ -261,12 +265,13 @@ def csmask_labels(prob: np.ndarray, valid: np.ndarray | None = None,
     return labels
 
 
-def oscd_distilled(city: str, date: int, root: str | Path | None = None) -> LabelledScene:
+def oscd_distilled(city: str, date: int, root: str | Path | None = None,
+                   confidence: float = CSMASK_CONFIDENCE) -> LabelledScene:
     """One OSCD date at 30 m (the 10 m image averaged 3 x 3) with ukis-csmask teacher labels
     (clear, cloud and shadow: agreement with a model, not truth)."""
     image, prob, valid = oscd_csmask(city, date, root)
     image30 = _pool_image(image, CSMASK_FACTOR)
-    labels = csmask_labels(prob, _pool_valid(valid, CSMASK_FACTOR))
+    labels = csmask_labels(prob, _pool_valid(valid, CSMASK_FACTOR), confidence)
     return LabelledScene(f"oscd-{city}-{date}", image30, labels, 30.0, human=False)
 
 
@@ -284,7 +289,8 @@ def training_scenes(root: str | Path | None = None, oscd: bool = True) -> list[L
     return scenes
 
 
-def s2cloudless_distilled(root: str | Path | None = None) -> LabelledScene:
+def s2cloudless_distilled(root: str | Path | None = None,
+                          confidence: float = CSMASK_CONFIDENCE) -> LabelledScene:
     """The whole 13-band scene with ukis-csmask teacher labels (its 6-band model on the scene's
     own grid; cached). The only teacher scene with much cloud (37 % by the teacher)."""
     cache = cache_dir() / "s2cloudless-13band_csmask6.npz"
@@ -299,7 +305,8 @@ def s2cloudless_distilled(root: str | Path | None = None) -> LabelledScene:
         tmp = cache.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, prob=prob.astype(np.float16))
         tmp.replace(cache)
-    return LabelledScene("s2cloudless-13band", scene.image, csmask_labels(prob), 10.0,
+    return LabelledScene("s2cloudless-13band", scene.image, csmask_labels(prob, None, confidence),
+                         10.0,
                          human=False)
 
 
@@ -315,14 +322,15 @@ def with_s2cloudless_agreement(scene: LabelledScene, root: str | Path | None = N
     return LabelledScene(scene.name + "+s2cloudless", scene.image, labels, scene.gsd_m, False)
 
 
-def distillation_scenes(root: str | Path | None = None) -> list[LabelledScene]:
-    """The training set of version 0.3: ukis-csmask teacher labels on the 13-band scene and on
-    every OSCD city not in OSCD_HELDOUT (both dates, 30 m). No human-labelled pixel: the UKIS
-    scene is held out whole."""
-    scenes = [s2cloudless_distilled(root)]
+def distillation_scenes(root: str | Path | None = None,
+                        confidence: float = DISTILL_CONFIDENCE) -> list[LabelledScene]:
+    """The distillation training set (0.3 on): ukis-csmask teacher labels, where it is at
+    least ``confidence`` sure, on the 13-band scene and on every OSCD city not in OSCD_HELDOUT
+    (both dates, 30 m). No human-labelled pixel: the UKIS scene is held out whole."""
+    scenes = [s2cloudless_distilled(root, confidence)]
     for city in oscd_cities(root):
         if city not in OSCD_HELDOUT:
-            scenes += [oscd_distilled(city, 1, root), oscd_distilled(city, 2, root)]
+            scenes += [oscd_distilled(city, date, root, confidence) for date in (1, 2)]
     return scenes
 
 
@@ -478,19 +486,26 @@ class TileSampler:
     repeated onto the 10 m image it was averaged from, when that is known) and at 60 m; a 10 m
     scene at 20 and 30 m. Scenes with cloud (``cloudy_share`` of the tiles) and without are
     drawn in fixed shares, because almost all teacher cloud is in one scene. ``augment`` makes
-    each tile look like another sensor's (:class:`SensorAugment`).
+    each tile look like another sensor's (:class:`SensorAugment`). ``synthetic`` (a
+    :class:`synthetic.SyntheticClouds`) composites clouds onto ``synthetic_p`` of the tiles
+    drawn from clear scenes.
     """
 
     def __init__(self, scenes: list[LabelledScene], bands: int, tile: int = 128,
                  seed: int = 0, human_share: float = 0.75, cloudy_share: float = 0.5,
                  augment: SensorAugment | None = None,
-                 fine: dict[str, np.ndarray] | None = None) -> None:
+                 fine: dict[str, np.ndarray] | None = None,
+                 synthetic: Callable[[np.ndarray, np.ndarray, np.random.Generator],
+                                     tuple[np.ndarray, np.ndarray]] | None = None,
+                 synthetic_p: float = 0.5) -> None:
         self.bands = bands
         self.tile = tile
         self.rng = np.random.default_rng(seed)
         self.human_share = human_share
         self.cloudy_share = cloudy_share
         self.augment = augment or SensorAugment.none()
+        self.synthetic = synthetic
+        self.synthetic_p = synthetic_p
         self.human: list[LabelledScene] = []
         self.teacher: list[LabelledScene] = []
         fine = fine or {}
@@ -513,6 +528,7 @@ class TileSampler:
                                               False))
             self.teacher += [v for v in variants if min(v.labels.shape) >= tile]
         cloudy = np.array([float(np.mean(s.labels == CLOUD)) > 0.02 for s in self.teacher])
+        self.teacher_cloudy = cloudy
         sizes = np.array([s.labels.size for s in self.teacher], float)
         # Within each group, scenes weighted by pixel count.
         self.teacher_p = np.zeros(len(self.teacher))
@@ -521,7 +537,9 @@ class TileSampler:
                 self.teacher_p[group] = share * sizes[group] / sizes[group].sum()
         self.teacher_p /= self.teacher_p.sum()
 
-    def tile_from(self, scene: LabelledScene) -> tuple[np.ndarray, np.ndarray]:
+    def tile_from(self, scene: LabelledScene, clouds: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """A random tile of ``scene``; ``clouds``: with synthetic clouds composited on."""
         t = self.tile
         h, w = scene.labels.shape
         r = int(self.rng.integers(0, h - t + 1))
@@ -532,17 +550,23 @@ class TileSampler:
         x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
         if self.rng.random() < 0.5:
             x, y = x[:, :, ::-1], y[:, ::-1]
+        if clouds:
+            x, y = self.synthetic(np.ascontiguousarray(x), np.ascontiguousarray(y), self.rng)
         x = self.augment(np.ascontiguousarray(x), self.rng)
         return x, np.ascontiguousarray(y)
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
         for _ in range(n):
+            clouds = False
             if self.human and (not self.teacher or self.rng.random() < self.human_share):
                 scene = self.human[int(self.rng.integers(len(self.human)))]
             else:
-                scene = self.teacher[int(self.rng.choice(len(self.teacher), p=self.teacher_p))]
-            x, y = self.tile_from(scene)
+                index = int(self.rng.choice(len(self.teacher), p=self.teacher_p))
+                scene = self.teacher[index]
+                clouds = (self.synthetic is not None and not self.teacher_cloudy[index]
+                          and self.rng.random() < self.synthetic_p)
+            x, y = self.tile_from(scene, clouds)
             xs.append(x)
             ys.append(y)
         return np.stack(xs), np.stack(ys)

@@ -1,7 +1,10 @@
 """Train the cloud model: ``python -m onboard.models.cloud.train --bands 4|6``.
 
-Version 0.3 (``--recipe distill``): ukis-csmask teacher labels (clear, cloud, shadow) on the
+Version 0.3 on (``--recipe distill``): ukis-csmask teacher labels (clear, cloud, shadow) on the
 13-band scene and the training OSCD cities; no human-labelled pixel (UKIS is held out whole).
+0.4 takes the teacher's argmax everywhere (``--confidence 0``; 0.3 kept only pixels it was 0.6
+sure of) and trains 1500 steps. ``--synthetic P`` composites synthetic clouds onto clear tiles
+(measured, not shipped: card.md).
 Version 0.2 (``--recipe human``): UKIS training rows and s2cloudless labels mixed 3 tiles to 1;
 teacher labels saying only cloud / not cloud use the likelihood of "clear or shadow" (the two
 classes' probabilities summed).
@@ -51,7 +54,9 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
           root: Path | None, out: Path, log_every: int = 50, cloud_weight: float | None = None,
           human_share: float = 0.75, tune_rows: int = 0, threads: int = 1,
           upsample: str = "nearest", width: int = 24, recipe: str = "distill",
-          augment: str = "sensor-nohaze", agree_s2cloudless: bool = False) -> torch.nn.Module:
+          augment: str = "sensor-nohaze", agree_s2cloudless: bool = False,
+          synthetic_p: float = 0.0, cloud_alpha: float = 0.35,
+          confidence: float = dataset.DISTILL_CONFIDENCE) -> torch.nn.Module:
     """Train and save a state_dict to ``out``.
 
     ``recipe`` "distill" (version 0.3): ukis-csmask teacher labels on the 13-band scene and
@@ -60,6 +65,8 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
     ``tune_rows`` training rows of UKIS out as an inner validation. ``augment`` "sensor" adds
     :class:`dataset.SensorAugment`; "gain" keeps 0.2's random gains only.
     ``agree_s2cloudless`` ignores 13-band pixels where s2cloudless disagrees with the teacher.
+    ``synthetic_p`` > 0 composites synthetic clouds and shadows (:mod:`synthetic`, spectra from
+    the 13-band scene's thick clouds) onto that share of the tiles drawn from clear scenes.
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -67,7 +74,7 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
     t0 = time.perf_counter()
     fine = None
     if recipe == "distill":
-        scenes = dataset.distillation_scenes(root)
+        scenes = dataset.distillation_scenes(root, confidence)
         fine = dataset.fine_images(root)
         if agree_s2cloudless:
             scenes[0] = dataset.with_s2cloudless_agreement(scenes[0], root)
@@ -81,8 +88,15 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
     weights = dict(CLASS_WEIGHTS)
     if cloud_weight is not None:
         weights[CLOUD] = cloud_weight
+    clouds = None
+    if synthetic_p > 0:
+        from onboard.models.cloud.synthetic import SyntheticClouds
+
+        clouds = SyntheticClouds.from_scene(dataset.s2cloudless_distilled(root), seed=seed)
+        clouds.cloud_alpha = cloud_alpha
     sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed, human_share=human_share,
-                                  augment=aug, fine=fine)
+                                  augment=aug, fine=fine, synthetic=clouds,
+                                  synthetic_p=synthetic_p)
     print(f"data: {len(sampler.human)} human + {len(sampler.teacher)} teacher scenes "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     model = build(bands, upsample=upsample, width=width)
@@ -131,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                         default="sensor-nohaze")
     parser.add_argument("--agree-s2cloudless", action="store_true",
                         help="ignore 13-band pixels where s2cloudless and the teacher disagree")
+    parser.add_argument("--synthetic", type=float, default=0.0, metavar="P",
+                        help="composite synthetic clouds onto this share of the clear tiles")
+    parser.add_argument("--cloud-alpha", type=float, default=0.35,
+                        help="synthetic cloud opacity from which a pixel is labelled cloud")
+    parser.add_argument("--confidence", type=float, default=dataset.DISTILL_CONFIDENCE,
+                        help="teacher labels where ukis-csmask is at least this sure")
     parser.add_argument("--upsample", choices=("nearest", "bilinear"), default="nearest",
                         help="the context's last 4x resize (bilinear: the first weights)")
     parser.add_argument("--width", type=int, default=24,
@@ -145,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                   human_share=args.human_share, tune_rows=args.tune_rows,
                   threads=args.threads, upsample=args.upsample, width=args.width,
                   recipe=args.recipe, augment=args.augment,
-                  agree_s2cloudless=args.agree_s2cloudless)
+                  agree_s2cloudless=args.agree_s2cloudless, synthetic_p=args.synthetic,
+                  cloud_alpha=args.cloud_alpha, confidence=args.confidence)
     from onboard.models.cloud.evaluate import predict_torch
     from onboard.models.cloud.metrics import scores
 
