@@ -491,7 +491,8 @@ def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps
         else:
             _progress(f"INT8 QDQ for ONNX Runtime, calibrating on {len(tiles)} tiles")
             path = quantize.quantize_qdq(onnx_path, work / "model.qdq.onnx", tiles,
-                                         "onnxruntime", zoo.extra.get("int8_only_prefix"))
+                                         "onnxruntime", zoo.extra.get("int8_only_prefix"),
+                                         zoo.extra.get("int8_weights_elsewhere", False))
             last = steps.onnx_step(
                 "int8-qdq", path, "int8",
                 notes="U8 activations (asymmetric), S8 per-channel weights, MinMax")
@@ -540,7 +541,8 @@ def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps
     if precision == "int8":
         _progress(f"symmetric INT8 QDQ for TensorRT, calibrating on {len(tiles)} tiles")
         path = quantize.quantize_qdq(onnx_path, work / "model.qdq.onnx", tiles, "tensorrt",
-                                     zoo.extra.get("int8_only_prefix"))
+                                     zoo.extra.get("int8_only_prefix"),
+                                     zoo.extra.get("int8_weights_elsewhere", False))
         steps.onnx_step("int8-qdq-trt", path, "int8",
                         notes="symmetric S8 activations and weights (TensorRT explicit "
                         "quantisation); measured with ONNX Runtime on CPU, TensorRT builds its "

@@ -147,18 +147,36 @@ def _ours_and_peer(shared_data, bands):
 @pytest.mark.parametrize("bands", [4, 6])
 def test_int8_bundle_on_the_held_out_scene_against_the_peer(shared_data, bands):
     """Measured here, in one run: the shipped INT8 bundle keeps its fp32 accuracy on the whole
-    held-out UKIS scene, and stays within reach of ukis-csmask (results.md: 0.918 / 0.919
-    against 0.964 / 0.959)."""
+    held-out UKIS scene, and stays within reach of ukis-csmask (results.md: 4-band 0.4 0.931,
+    6-band 0.3 0.919, against 0.964 / 0.959; 4-band 0.3 scored 0.918 and fails here)."""
     got = _ours_and_peer(shared_data, bands)
     assert abs(got["int8-ort"] - got["fp32-ort"]) <= 0.005
-    assert got["int8-ort"] >= 0.90
-    assert got["int8-ort"] >= got["peer"] - 0.06
+    assert got["int8-ort"] >= {4: 0.925, 6: 0.90}[bands]
+    assert got["int8-ort"] >= got["peer"] - {4: 0.04, 6: 0.06}[bands]
+
+
+def test_the_4band_bundle_keeps_the_hazy_sample_clear(sample_pass):
+    """The bundled sample is a hazy Hong Kong crop (a city no cloud model trained on) that is
+    clear by the teacher. A 4-band candidate that scored better on UKIS called 40 % and 54 %
+    of it cloud (hazy sea at 10 m) and was refused (card.md); the shipped INT8 bundle calls
+    1.0 % and 5.9 % (bright roofs). The INT8 graph keeps the context path's activations float,
+    without which it called 7 % of the held-out hongkong-1 date cloud."""
+    engine = open_engine(_bundle(4, "int8-ort"), "onnxruntime", threads=2)
+    pair = OscdPair(sample_pass)
+    fractions = []
+    for scene in (pair.before, pair.after):
+        frame = scene.read(Window(0, 0, 256, 256))
+        x = frame.pixels[[scene.bands.index(b) for b in ("B02", "B03", "B04", "B08")]]
+        logits = engine.run(np.ascontiguousarray(x[None] * 1e-4, np.float32))
+        fractions.append(float((np.asarray(logits)[0].argmax(0) == CLOUD).mean()))
+    engine.close()
+    assert fractions[0] < 0.03 and fractions[1] < 0.10, fractions
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 13's goal, not met by version 0.3: distilled from "
-                   "one cloudy scene, the INT8 bundle is 0.04-0.05 cloud BOA below ukis-csmask "
-                   "on the held-out UKIS scene (results.md)")
+@pytest.mark.xfail(strict=True, reason="issue 13's goal, not met: on the held-out UKIS scene the "
+                   "INT8 bundles are 0.033 (4-band 0.4) and 0.040 (6-band 0.3) cloud BOA below "
+                   "ukis-csmask (results.md)")
 @pytest.mark.parametrize("bands", [4, 6])
 def test_int8_bundle_beats_the_peer_on_the_held_out_scene(shared_data, bands):
     got = _ours_and_peer(shared_data, bands)

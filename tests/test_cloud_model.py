@@ -20,10 +20,11 @@ from onboard.models.cloud.metrics import binary_scores, boa, scores  # noqa: E40
 from onboard.models.cloud.model import build, count_parameters, macs_per_pixel  # noqa: E402
 from onboard.models.cloud.train import loss  # noqa: E402
 
-# Measured on the committed weights (0.3.0) minus a margin (see results.md): the crop is part of
-# the UKIS scene, which version 0.3 holds out whole.
-CROP_MIN_BOA = {4: 0.86, 6: 0.85}  # measured 0.893 and 0.882
-GATE_MIN_BOA = {4: 0.92, 6: 0.90}  # measured 0.935 and 0.922
+# Measured on the committed weights (4-band 0.4.0, 6-band 0.3.0) minus a margin (results.md): the
+# crop is part of the UKIS scene, which both versions hold out whole. The gate is deterministic
+# (torch on fixed tiles): 4-band 0.3 measured 0.935 there and fails its bound.
+CROP_MIN_BOA = {4: 0.86, 6: 0.85}  # measured 0.896 and 0.882
+GATE_MIN_BOA = {4: 0.94, 6: 0.90}  # measured 0.943 and 0.922
 
 
 @pytest.mark.parametrize("bands", [4, 6])

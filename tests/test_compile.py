@@ -325,6 +325,41 @@ def test_qdq_only_prefix_leaves_the_rest_float(onnx_fp32: Path, tmp_path: Path) 
     with pytest.raises(CompileError, match="no node is named under"):
         quantize.quantize_qdq(onnx_fp32, tmp_path / "n.onnx", tiles, "onnxruntime",
                               only_prefix="/nowhere/")
+    # A list: the nodes under any of them; one that names nothing is refused all the same.
+    first_and_last = quantize.quantize_qdq(onnx_fp32, tmp_path / "l.onnx", tiles,
+                                           "onnxruntime", only_prefix=[convs[0], convs[-1]])
+    assert _int8_readers(first_and_last) & set(convs) == {convs[0], convs[-1]}
+    with pytest.raises(CompileError, match="'/nowhere/'"):
+        quantize.quantize_qdq(onnx_fp32, tmp_path / "m.onnx", tiles, "onnxruntime",
+                              only_prefix=[convs[0], "/nowhere/"])
+
+
+def test_int8_weights_elsewhere_keeps_float_activations(onnx_fp32: Path, tmp_path: Path
+                                                       ) -> None:
+    """``extra["int8_weights_elsewhere"]``: the convolutions left float read float activations
+    but store INT8 weights, so the graph has INT8's size and runs as close to fp32 as the
+    weights' rounding allows."""
+    import onnxruntime as ort
+
+    convs = [n.name for n in onnx.load(str(onnx_fp32)).graph.node if n.op_type == "Conv"]
+    tiles = calibration_tiles(DATA, 4)
+    plain = quantize.quantize_qdq(onnx_fp32, tmp_path / "p.onnx", tiles, "onnxruntime",
+                                  only_prefix=convs[0])
+    path = quantize.quantize_qdq(onnx_fp32, tmp_path / "w.onnx", tiles, "onnxruntime",
+                                 only_prefix=convs[0], int8_weights_elsewhere=True)
+    nodes = {n.name: n for n in onnx.load(str(path)).graph.node}
+    dequantised = {o for n in nodes.values() if n.op_type == "DequantizeLinear" for o in n.output}
+    for name in convs[1:]:
+        assert nodes[name].input[0] not in dequantised, name  # float activations
+        assert nodes[name].input[1] in dequantised, name  # INT8 weights
+    assert path.stat().st_size < 0.5 * plain.stat().st_size
+    outputs = []
+    for model in (onnx_fp32, path):
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: tiles})[0])
+    assert outputs[0].shape == outputs[1].shape
+    assert (outputs[0].argmax(1) == outputs[1].argmax(1)).mean() > 0.98
+    assert not np.array_equal(outputs[0], outputs[1])  # it did round something
 
 
 def test_tensorrt_qdq_is_symmetric_int8(onnx_fp32: Path, tmp_path: Path) -> None:

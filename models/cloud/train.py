@@ -2,9 +2,9 @@
 
 Version 0.3 on (``--recipe distill``): ukis-csmask teacher labels (clear, cloud, shadow) on the
 13-band scene and the training OSCD cities; no human-labelled pixel (UKIS is held out whole).
-0.4 takes the teacher's argmax everywhere (``--confidence 0``; 0.3 kept only pixels it was 0.6
-sure of) and trains 1500 steps. ``--synthetic P`` composites synthetic clouds onto clear tiles
-(measured, not shipped: card.md).
+4-band 0.4 takes the teacher's argmax everywhere (``--confidence 0``, now the default; 0.3 kept
+only pixels it was 0.6 sure of), otherwise 0.3's recipe (``--augment gain --steps 600``).
+``--synthetic P`` composites synthetic clouds onto clear tiles (measured, not shipped: card.md).
 Version 0.2 (``--recipe human``): UKIS training rows and s2cloudless labels mixed 3 tiles to 1;
 teacher labels saying only cloud / not cloud use the likelihood of "clear or shadow" (the two
 classes' probabilities summed).
