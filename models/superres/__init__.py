@@ -20,9 +20,9 @@ import numpy as np
 from onboard.models.zoo import ZooModel, register
 
 HERE = Path(__file__).resolve().parent
-# 0.2.0 of superres-sharpen adds the per-window detail injection (model.local_detail); the ×2
-# model keeps its 0.1 architecture.
-VERSIONS = {"x2": "0.1.0", "sharpen": "0.2.0"}
+# 0.2.0 of superres-sharpen adds the per-window detail injection (model.local_detail), 0.3.0 its
+# bicubic skip (model.bicubic_on_pairs); the ×2 model keeps its 0.1 architecture.
+VERSIONS = {"x2": "0.1.0", "sharpen": "0.3.0"}
 # The window of superres-sharpen's local fit (model.local_detail), in pixels of the input grid:
 # 15 either side, a few hundred pixels per fit, small enough to follow a field's edge. Kept here,
 # torch-free, because the bundle's stated context follows from it.

@@ -37,16 +37,21 @@ def bundle_path(task: str, precision: str) -> Path:
     return HERE / f"superres-{task}-{precision}-ort.onboard"
 
 
+# The version before the shipped one, whose weights are kept so that each run measures what
+# the new version bought.
+PREVIOUS = {"x2": "0.1", "sharpen": "0.2"}
+
+
 def previous_weights(task: str) -> Path:
-    """Version 0.1's weights, kept so that each run measures what the new version bought."""
-    return HERE / f"weights_{task}_0.1.pt"
+    return HERE / f"weights_{task}_{PREVIOUS[task]}.pt"
 
 
 def load_model(task: str, previous: bool = False) -> torch.nn.Module:
     if task == "x2":
         model: torch.nn.Module = build_x2()
     else:
-        model = Sharpen20(guided=False) if previous else build_sharpen()
+        # 0.2: the guided model on a 3 x 3 mean skip.
+        model = Sharpen20(skip="smooth3") if previous else build_sharpen()
     path = previous_weights(task) if previous else WEIGHTS[task]
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
@@ -71,7 +76,7 @@ class Runners:
 
     def run(self, how: str, x: np.ndarray) -> np.ndarray:
         """Reflectance (N, C, H, W) in, out."""
-        if how in ("torch", "torch_0.1"):
+        if how in ("torch", self.previous_way):
             model = self.model if how == "torch" else self.previous
             with torch.no_grad():
                 return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
@@ -79,7 +84,12 @@ class Runners:
 
     @property
     def ways(self) -> list[str]:
-        return ["torch", *(["torch_0.1"] if self.previous is not None else []), *self.engines]
+        return ["torch", *([self.previous_way] if self.previous is not None else []),
+                *self.engines]
+
+    @property
+    def previous_way(self) -> str:
+        return f"torch_{PREVIOUS[self.task]}"
 
 
 def _band_table(estimate: np.ndarray, truth: np.ndarray, peak: float) -> dict[str, Any]:
@@ -221,7 +231,7 @@ def _gain_summary(results: dict[str, Any], task: str) -> dict[str, Any]:
             row[f"{name}_gain_db"] = round(float(np.mean(np.array(table["psnr"]) - bic)), 3)
         if task == "sharpen":
             di = np.array(methods["detail_injection"]["psnr"])
-            for how in ("model_torch", "model_torch_0.1", "model_int8"):
+            for how in ("model_torch", f"model_torch_{PREVIOUS[task]}", "model_int8"):
                 if how in methods:
                     row[f"{how}_over_detail_injection_db"] = [
                         round(float(v), 3) for v in np.array(methods[how]["psnr"]) - di]

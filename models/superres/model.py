@@ -7,8 +7,8 @@ AveragePool) only when its input already is; it has no rule for Sub. So:
 
 - the convolution body sees the input through an in-graph centring (``Sub``, then ``Mul``):
   the raw input tensor itself is never quantised;
-- the skip (bicubic ``Resize`` for ×2; a 3 × 3 average of the nearest-resampled 20 m bands for
-  sharpening) reads that float input and stays float;
+- the skip (bicubic ``Resize`` for ×2; for sharpening, bicubic upsampling of the
+  nearest-resampled 20 m bands as a fixed 7-tap filter) reads that float input and stays float;
 - the body's last convolution carries only the residual, a small range, so its 8-bit step is a
   few DN;
 - the residual is combined with the skip by a ``Sub`` of the negated residual, which stays
@@ -108,6 +108,34 @@ class SuperRes2x(nn.Module):
         return skip - residual / (-1.0 / SPREAD)  # Div and Sub stay float: see the docstring
 
 
+# Keys' cubic (a = -0.5, PIL's BICUBIC) at the two quarter-pixel offsets of a 2 x 2 nearest-
+# resampled grid, folded into one symmetric 7-tap filter: on such a grid it equals bicubic
+# upsampling of the coarse samples, whatever the phase of the blocks (a tile may start on an odd
+# pixel). Outer to centre: h3 = w(1.75), h2 = w(1.25) - h3, h1 = w(0.75) - h2, h0 = w(0.25) - h1,
+# which is [-3, -6, 35, 76, 35, -6, -3] / 128.
+PAIRS_BICUBIC = (-3 / 128, -6 / 128, 35 / 128, 76 / 128, 35 / 128, -6 / 128, -3 / 128)
+
+
+def pairs_bicubic_kernels(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vertical and horizontal depthwise kernels of :func:`bicubic_on_pairs`."""
+    taps = torch.tensor(PAIRS_BICUBIC, dtype=torch.float32)
+    return (taps.view(1, 1, 7, 1).repeat(channels, 1, 1, 1),
+            taps.view(1, 1, 1, 7).repeat(channels, 1, 1, 1))
+
+
+def bicubic_on_pairs(x: torch.Tensor,
+                     kernels: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Bicubic upsampling of a grid that was nearest-resampled 2 x 2 onto this one, computed on
+    this grid: a fixed separable 7-tap filter (``PAIRS_BICUBIC``), edges replicated. ONNX:
+    ``Pad`` (edge) and a depthwise ``Conv`` with constant weights, outside ``/body/``.
+    ``kernels`` (a module's constant buffers, so that the exporter sees their shape) default
+    to :func:`pairs_bicubic_kernels` of ``x``'s channels."""
+    c = x.shape[1]
+    vertical, horizontal = kernels or pairs_bicubic_kernels(c)
+    x = F.conv2d(F.pad(x, (0, 0, 3, 3), mode="replicate"), vertical.to(x.dtype), groups=c)
+    return F.conv2d(F.pad(x, (3, 3, 0, 0), mode="replicate"), horizontal.to(x.dtype), groups=c)
+
+
 def _smooth3(x: torch.Tensor) -> torch.Tensor:
     """3 x 3 mean, edges averaged over what is inside the image."""
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
@@ -205,22 +233,32 @@ class Sharpen20(nn.Module):
     ``guided`` (version 0.2) adds a detail injection fitted around each pixel
     (``local_detail``): the body sees it as six more input channels and the skip carries a
     learned share of it per band; the fit and the skip stay float (the compiler quantises only
-    ``/body/`` nodes)."""
+    ``/body/`` nodes). ``skip`` "bicubic" (0.3) is bicubic upsampling of the 20 m bands
+    (``bicubic_on_pairs``); "smooth3" (0.1, 0.2) their 3 x 3 mean, 1.1-2.5 dB blurrier."""
 
-    def __init__(self, width: int = 40, depth: int = 5, guided: bool = True) -> None:
+    def __init__(self, width: int = 40, depth: int = 5, guided: bool = True,
+                 skip: str = "bicubic") -> None:
         super().__init__()
+        if skip not in ("bicubic", "smooth3"):
+            raise ValueError(f"skip must be 'bicubic' or 'smooth3', got {skip!r}")
         self.scale = 1
         self.guided = guided
+        self.skip = skip
         self.register_buffer("mean", torch.tensor(MEAN_10 + MEAN_20).view(1, 10, 1, 1))
+        vertical, horizontal = pairs_bicubic_kernels(6)
+        self.register_buffer("skip_vertical", vertical, persistent=False)
+        self.register_buffer("skip_horizontal", horizontal, persistent=False)
         self.body = _Body(16 if guided else 10, width, depth, 6, 3)
         if guided:
             self.detail_share = nn.Parameter(torch.zeros(1, 6, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = _smooth3(x[:, 4:10])
+        low = _smooth3(x[:, 4:10])
+        skip = low if self.skip == "smooth3" else bicubic_on_pairs(
+            x[:, 4:10], (self.skip_vertical, self.skip_horizontal))
         features = _centred(x, self.mean)
         if self.guided:
-            detail = local_detail(x[:, :4], skip, self.mean[:, :4], self.mean[:, 4:])
+            detail = local_detail(x[:, :4], low, self.mean[:, :4], self.mean[:, 4:])
             features = torch.cat([features, torch.clamp(detail / SPREAD, -RESIDUAL_LIMIT,
                                                         RESIDUAL_LIMIT)], 1)
             skip = skip + detail * self.detail_share  # float: outside /body/
