@@ -17,8 +17,8 @@ import numpy as np
 from onboard.models.zoo import ZooModel, register
 
 HERE = Path(__file__).resolve().parent
-# 0.4 retrained the 4-band model only; the 6-band 0.4 candidates called a hazy clear city
-# cloud (card.md), so 6-band stays at 0.3.
+# 0.4 retrained the 4-band model only. Two 6-band candidates called a hazy clear city cloud and
+# a third gained too little for what it lost (card.md), so 6-band stays at 0.3.
 VERSIONS = {4: "0.4.0", 6: "0.3.0"}
 TILE = 256
 # Sentinel-2 L1C digital numbers are reflectance x 10000.
