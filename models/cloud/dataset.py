@@ -305,9 +305,8 @@ def s2cloudless_distilled(root: str | Path | None = None,
         tmp = cache.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, prob=prob.astype(np.float16))
         tmp.replace(cache)
-    return LabelledScene("s2cloudless-13band", scene.image, csmask_labels(prob, None, confidence),
-                         10.0,
-                         human=False)
+    labels = csmask_labels(prob, None, confidence)
+    return LabelledScene("s2cloudless-13band", scene.image, labels, 10.0, human=False)
 
 
 def with_s2cloudless_agreement(scene: LabelledScene, root: str | Path | None = None

@@ -2,8 +2,9 @@
 
 Every cloud the teacher labels comes from one scene (the 13-band s2cloudless scene), so the
 model has seen clouds over one landscape only. The OSCD training cities are 99.6-100 % clear:
-28 landscapes (desert, coast, farmland, cities) with no cloud over them. Compositing clouds
-onto them gives cloud over every background we have, at every pixel size the sampler draws.
+28 dates of 14 landscapes (desert, coast, farmland, cities) with no cloud over them.
+Compositing clouds onto them gives cloud over every background we have, at every pixel size
+the sampler draws.
 
 The physics is a two-layer one:
 
@@ -19,7 +20,7 @@ The physics is a two-layer one:
 Labels: cloud where ``alpha`` reaches ``cloud_alpha``; ignored where a thin veil lies between
 ``ignore_alpha`` and ``cloud_alpha`` (a human may or may not call it cloud); shadow where the
 shadow is at least ``shadow_label`` of its full depth and no cloud lies over it, ignored where
-it is fainter. Pixels the teacher left ignored stay ignored.
+it is fainter. Pixels the teacher left ignored stay ignored unless a cloud covers them.
 """
 
 from __future__ import annotations
