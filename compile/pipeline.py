@@ -446,6 +446,14 @@ def compile_model(zoo: ZooModel, out: Path, options: CompileOptions,
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _quantize_qdq(zoo: ZooModel, onnx_path: Path, out: Path, tiles: np.ndarray,
+                  target: str) -> Path:
+    """INT8 QDQ as the zoo entry asks for it (which nodes, and weight-only elsewhere)."""
+    return quantize.quantize_qdq(onnx_path, out, tiles, target,
+                                 zoo.extra.get("int8_only_prefix"),
+                                 zoo.extra.get("int8_weights_elsewhere", False))
+
+
 def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps,
                tiles: np.ndarray, work: Path, validation: list[tuple[np.ndarray, np.ndarray]],
                epochs: int, lr: float
@@ -490,9 +498,7 @@ def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps
             last = steps.onnx_step("onnx-fp16", path, "fp16", macs_from=onnx_path)
         else:
             _progress(f"INT8 QDQ for ONNX Runtime, calibrating on {len(tiles)} tiles")
-            path = quantize.quantize_qdq(onnx_path, work / "model.qdq.onnx", tiles,
-                                         "onnxruntime", zoo.extra.get("int8_only_prefix"),
-                                         zoo.extra.get("int8_weights_elsewhere", False))
+            path = _quantize_qdq(zoo, onnx_path, work / "model.qdq.onnx", tiles, "onnxruntime")
             last = steps.onnx_step(
                 "int8-qdq", path, "int8",
                 notes="U8 activations (asymmetric), S8 per-channel weights, MinMax")
@@ -540,9 +546,7 @@ def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps
     }
     if precision == "int8":
         _progress(f"symmetric INT8 QDQ for TensorRT, calibrating on {len(tiles)} tiles")
-        path = quantize.quantize_qdq(onnx_path, work / "model.qdq.onnx", tiles, "tensorrt",
-                                     zoo.extra.get("int8_only_prefix"),
-                                     zoo.extra.get("int8_weights_elsewhere", False))
+        path = _quantize_qdq(zoo, onnx_path, work / "model.qdq.onnx", tiles, "tensorrt")
         steps.onnx_step("int8-qdq-trt", path, "int8",
                         notes="symmetric S8 activations and weights (TensorRT explicit "
                         "quantisation); measured with ONNX Runtime on CPU, TensorRT builds its "

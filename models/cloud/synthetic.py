@@ -63,9 +63,9 @@ class SyntheticClouds:
 
     @classmethod
     def from_scene(cls, scene: LabelledScene, min_blue: float = 0.35,
-                   limit: int = 20000, seed: int = 0) -> SyntheticClouds:
+                   limit: int = 20000, seed: int = 0, **settings: float) -> SyntheticClouds:
         """Thick-cloud spectra from a scene's cloud pixels: those bright in the blue (a thin or
-        broken cloud's pixel is mostly ground)."""
+        broken cloud's pixel is mostly ground). ``settings`` are the other fields."""
         pixels = scene.image[:, scene.labels == CLOUD]
         thick = pixels[:, pixels[0] >= min_blue].T
         if len(thick) == 0:
@@ -73,7 +73,7 @@ class SyntheticClouds:
         rng = np.random.default_rng(seed)
         if len(thick) > limit:
             thick = thick[rng.choice(len(thick), limit, replace=False)]
-        return cls(np.ascontiguousarray(thick, np.float32))
+        return cls(np.ascontiguousarray(thick, np.float32), **settings)
 
     def __call__(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
                  ) -> tuple[np.ndarray, np.ndarray]:

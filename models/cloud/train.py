@@ -92,8 +92,8 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
     if synthetic_p > 0:
         from onboard.models.cloud.synthetic import SyntheticClouds
 
-        clouds = SyntheticClouds.from_scene(dataset.s2cloudless_distilled(root), seed=seed)
-        clouds.cloud_alpha = cloud_alpha
+        clouds = SyntheticClouds.from_scene(dataset.s2cloudless_distilled(root), seed=seed,
+                                            cloud_alpha=cloud_alpha)
     sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed, human_share=human_share,
                                   augment=aug, fine=fine, synthetic=clouds,
                                   synthetic_p=synthetic_p)

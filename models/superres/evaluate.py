@@ -46,6 +46,11 @@ def previous_weights(task: str) -> Path:
     return HERE / f"weights_{task}_{PREVIOUS[task]}.pt"
 
 
+def previous_way(task: str) -> str:
+    """How the previous version is named among the ways a model is run (``torch_0.2``)."""
+    return f"torch_{PREVIOUS[task]}"
+
+
 def load_model(task: str, previous: bool = False) -> torch.nn.Module:
     if task == "x2":
         model: torch.nn.Module = build_x2()
@@ -76,7 +81,7 @@ class Runners:
 
     def run(self, how: str, x: np.ndarray) -> np.ndarray:
         """Reflectance (N, C, H, W) in, out."""
-        if how in ("torch", self.previous_way):
+        if how in ("torch", previous_way(self.task)):
             model = self.model if how == "torch" else self.previous
             with torch.no_grad():
                 return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
@@ -84,12 +89,8 @@ class Runners:
 
     @property
     def ways(self) -> list[str]:
-        return ["torch", *([self.previous_way] if self.previous is not None else []),
+        return ["torch", *([previous_way(self.task)] if self.previous is not None else []),
                 *self.engines]
-
-    @property
-    def previous_way(self) -> str:
-        return f"torch_{PREVIOUS[self.task]}"
 
 
 def _band_table(estimate: np.ndarray, truth: np.ndarray, peak: float) -> dict[str, Any]:
@@ -231,7 +232,7 @@ def _gain_summary(results: dict[str, Any], task: str) -> dict[str, Any]:
             row[f"{name}_gain_db"] = round(float(np.mean(np.array(table["psnr"]) - bic)), 3)
         if task == "sharpen":
             di = np.array(methods["detail_injection"]["psnr"])
-            for how in ("model_torch", f"model_torch_{PREVIOUS[task]}", "model_int8"):
+            for how in ("model_torch", f"model_{previous_way(task)}", "model_int8"):
                 if how in methods:
                     row[f"{how}_over_detail_injection_db"] = [
                         round(float(v), 3) for v in np.array(methods[how]["psnr"]) - di]
