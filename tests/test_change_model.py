@@ -168,3 +168,32 @@ def test_heldout_auprc_beats_the_pixel_baselines_pooled(shared_data):
     pooled = {name: auprc(np.concatenate(s), y)
               for name, s in (("ours", ours), ("cosine", cos), ("rmse", rmse))}
     assert pooled["ours"] > max(pooled["cosine"], pooled["rmse"]) + 0.10, pooled
+
+
+def test_temporal_pairs_are_real_dates_without_labels(test_data):
+    """``train.py --temporal``: both real dates of one place of an unlabelled city, flagged as
+    carrying no labels; labelled pairs keep their masks."""
+    hongkong = dataset.load_city(test_data, "hongkong", 13)
+    paris = dataset.load_city(test_data, "paris", 13)
+    paris.changed = None  # as an unlabelled city arrives
+    sampler = dataset.PairSampler([hongkong], crop=64, seed=3, gain=0.0, shift=0.0,
+                                  temporal=0.5, temporal_cities=[paris])
+    a, b, masks, labelled = sampler.batch_labelled(32)
+    assert 0 < labelled.sum() < 32
+    assert not masks[~labelled].any()
+    assert masks[labelled].any()  # 6 % of the hongkong crop changed
+    # Without jitter, an unlabelled pair still differs: it is two real acquisitions.
+    assert np.abs(a[~labelled] - b[~labelled]).mean() > 0.05
+    plain = dataset.PairSampler([hongkong], crop=64, seed=3)
+    assert plain.batch_labelled(8)[3].all()
+
+
+def test_radiometric_shift_measures_the_offset_between_dates(test_data):
+    """A date 2 that is date 1 plus a per-band offset gives that offset / sqrt(2) per date (the
+    floor where it is smaller): the augmentation then reproduces the real pairs' offsets."""
+    city = dataset.load_city(test_data, "paris", 13)
+    offset = np.linspace(0.0, 0.8, 13).astype(np.float32)
+    city.after = city.before + offset[:, None, None]
+    shift = dataset.radiometric_shift([city], floor=0.08)
+    np.testing.assert_allclose(shift, np.maximum(offset / np.sqrt(2), 0.08), rtol=1e-5,
+                               atol=1e-6)

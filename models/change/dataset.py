@@ -30,6 +30,10 @@ TRAINING = ("abudhabi", "aguasclaras", "bercy", "hongkong", "paris")
 VALIDATION = ("aguasclaras",)
 UNLABELLED = ("brasilia", "chongqing", "dubai", "lasvegas", "milano", "montpellier", "norcia",
               "rio", "saclay_w", "valencia")
+# Unlabelled cities whose two real dates may be trained on as "mostly unchanged" pairs
+# (``train.py --temporal``). dubai, norcia and valencia, the three where 0.2 (13 bands) called
+# most date-2 cells changed, stay out so that their K-memory figures remain a test.
+TEMPORAL = ("brasilia", "chongqing", "lasvegas", "milano", "montpellier", "rio", "saclay_w")
 
 
 @dataclass
@@ -144,20 +148,37 @@ def window_batch(city: City, tile: int = TILE) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(np.stack(xs1 + xs2), np.float32), np.stack(ys)
 
 
+def radiometric_shift(cities: list[City], floor: float = 0.08) -> np.ndarray:
+    """(C,) per-band offset sigma for one date that gives the date-to-date offsets real pairs
+    show: the RMS over ``cities`` of the median difference between their dates on unchanged
+    pixels (standardised units), divided by sqrt(2) since each date gets its own offset."""
+    medians = np.stack([np.median((c.after - c.before)[:, ~c.changed], 1) for c in cities
+                        if c.changed is not None])
+    return np.maximum(np.sqrt((medians ** 2).mean(0) / 2.0), floor).astype(np.float32)
+
+
 class PairSampler:
     """Random training pairs: crops at any pixel offset, the same rotation / flip for both dates
     and the mask, dates in random order, and independent per-band gains and offsets per date
     (illumination, haze and calibration differ between real acquisitions of unchanged ground)."""
 
     def __init__(self, cities: list[City], crop: int = 128, seed: int = 0,
-                 gain: float = 0.06, shift: float = 0.08, self_pairs: float = 0.0,
-                 extra_images: list[City] | None = None, pasted: float = 0.0) -> None:
+                 gain: float = 0.06, shift: float | np.ndarray = 0.08,
+                 self_pairs: float = 0.0,
+                 extra_images: list[City] | None = None, pasted: float = 0.0,
+                 temporal: float = 0.0, temporal_cities: list[City] | None = None) -> None:
         """``self_pairs``: the share of pairs that are one date against itself, each side with
         its own gains and offsets, all cells unchanged; those come from ``cities`` and
         ``extra_images`` (unlabelled cities: no change label is needed). ``pasted``: the
         share of those self pairs whose second side gets a few rectangles of ground from
-        elsewhere pasted in (synthetic change, labelled by the same > 1 % rule)."""
+        elsewhere pasted in (synthetic change, labelled by the same > 1 % rule).
+        ``temporal``: the share of pairs that are both real dates of one place in an unlabelled
+        city (``temporal_cities``): real seasons, haze and registration, but no labels; their
+        masks are all False and :meth:`batch_masks` says which pairs they are."""
         self.pasted = pasted
+        self.temporal = temporal
+        self.temporal_cities = [c for c in temporal_cities or []
+                                if min(c.before.shape[1:]) >= crop]
         self.cities = [c for c in cities if c.changed is not None and
                        min(c.before.shape[1:]) >= crop]
         self.self_pairs = self_pairs
@@ -172,7 +193,7 @@ class PairSampler:
     def _jitter(self, x: np.ndarray) -> np.ndarray:
         c = x.shape[0]
         gain = 1.0 + self.rng.normal(0, self.gain, (c, 1, 1)) + self.rng.normal(0, self.gain)
-        shift = self.rng.normal(0, self.shift, (c, 1, 1))
+        shift = self.rng.normal(0, 1, (c, 1, 1)) * np.reshape(self.shift, (-1, 1, 1))
         return (x * gain + shift).astype(np.float32)
 
     def _self_pair(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -199,28 +220,40 @@ class PairSampler:
         return self._jitter(x), self._jitter(second), changed
 
     def pair(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._pair()[:3]
+
+    def _pair(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
         if self.self_pairs and self.rng.random() < self.self_pairs:
-            return self._self_pair()
-        city = self.cities[int(self.rng.choice(len(self.cities), p=self.weights))]
-        assert city.changed is not None
+            return (*self._self_pair(), True)
+        unlabelled = bool(self.temporal_cities) and self.rng.random() < self.temporal
+        if unlabelled:
+            city = self.temporal_cities[int(self.rng.integers(len(self.temporal_cities)))]
+        else:
+            city = self.cities[int(self.rng.choice(len(self.cities), p=self.weights))]
         _, h, w = city.before.shape
         r = int(self.rng.integers(0, h - self.crop + 1))
         c = int(self.rng.integers(0, w - self.crop + 1))
         win = (slice(None), slice(r, r + self.crop), slice(c, c + self.crop))
-        a, b, m = city.before[win], city.after[win], city.changed[win[1:]]
+        a, b = city.before[win], city.after[win]
+        m = (np.zeros(a.shape[1:], bool) if city.changed is None
+             else city.changed[win[1:]])
         k = int(self.rng.integers(4))
         a, b, m = np.rot90(a, k, (1, 2)), np.rot90(b, k, (1, 2)), np.rot90(m, k)
         if self.rng.random() < 0.5:
             a, b, m = a[:, :, ::-1], b[:, :, ::-1], m[:, ::-1]
         if self.rng.random() < 0.5:
             a, b = b, a
-        return self._jitter(a), self._jitter(b), np.ascontiguousarray(m)
+        return self._jitter(a), self._jitter(b), np.ascontiguousarray(m), not unlabelled
 
     def batch_masks(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``n`` pairs: date 1 crops, date 2 crops, their (n, crop, crop) change masks."""
-        pairs = [self.pair() for _ in range(n)]
+        return self.batch_labelled(n)[:3]
+
+    def batch_labelled(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`batch_masks` and (n,) bool: which pairs carry labels (not ``temporal``)."""
+        pairs = [self._pair() for _ in range(n)]
         return (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
-                np.stack([p[2] for p in pairs]))
+                np.stack([p[2] for p in pairs]), np.array([p[3] for p in pairs]))
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``n`` pairs and their (n, crop/32, crop/32) cell labels (1.0 changed)."""
