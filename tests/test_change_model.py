@@ -178,14 +178,14 @@ def test_temporal_pairs_are_real_dates_without_labels(test_data):
     paris.changed = None  # as an unlabelled city arrives
     sampler = dataset.PairSampler([hongkong], crop=64, seed=3, gain=0.0, shift=0.0,
                                   temporal=0.5, temporal_cities=[paris])
-    a, b, masks, labelled = sampler.batch_labelled(32)
+    a, b, masks, labelled = sampler.batch_masks(32)
     assert 0 < labelled.sum() < 32
     assert not masks[~labelled].any()
     assert masks[labelled].any()  # 6 % of the hongkong crop changed
     # Without jitter, an unlabelled pair still differs: it is two real acquisitions.
     assert np.abs(a[~labelled] - b[~labelled]).mean() > 0.05
     plain = dataset.PairSampler([hongkong], crop=64, seed=3)
-    assert plain.batch_labelled(8)[3].all()
+    assert plain.batch_masks(8)[3].all()
 
 
 def test_radiometric_shift_measures_the_offset_between_dates(test_data):

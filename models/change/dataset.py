@@ -33,7 +33,7 @@ UNLABELLED = ("brasilia", "chongqing", "dubai", "lasvegas", "milano", "montpelli
 # Unlabelled cities whose two real dates may be trained on as "mostly unchanged" pairs
 # (``train.py --temporal``). dubai, norcia and valencia, the three where 0.2 (13 bands) called
 # most date-2 cells changed, stay out so that their K-memory figures remain a test.
-TEMPORAL = ("brasilia", "chongqing", "lasvegas", "milano", "montpellier", "rio", "saclay_w")
+TEMPORAL = tuple(c for c in UNLABELLED if c not in ("dubai", "norcia", "valencia"))
 
 
 @dataclass
@@ -163,8 +163,7 @@ class PairSampler:
     (illumination, haze and calibration differ between real acquisitions of unchanged ground)."""
 
     def __init__(self, cities: list[City], crop: int = 128, seed: int = 0,
-                 gain: float = 0.06, shift: float | np.ndarray = 0.08,
-                 self_pairs: float = 0.0,
+                 gain: float = 0.06, shift: float | np.ndarray = 0.08, self_pairs: float = 0.0,
                  extra_images: list[City] | None = None, pasted: float = 0.0,
                  temporal: float = 0.0, temporal_cities: list[City] | None = None) -> None:
         """``self_pairs``: the share of pairs that are one date against itself, each side with
@@ -174,7 +173,7 @@ class PairSampler:
         elsewhere pasted in (synthetic change, labelled by the same > 1 % rule).
         ``temporal``: the share of pairs that are both real dates of one place in an unlabelled
         city (``temporal_cities``): real seasons, haze and registration, but no labels; their
-        masks are all False and :meth:`batch_masks` says which pairs they are."""
+        masks are all False and :meth:`pair` flags them as unlabelled."""
         self.pasted = pasted
         self.temporal = temporal
         self.temporal_cities = [c for c in temporal_cities or []
@@ -219,10 +218,8 @@ class PairSampler:
                 changed[tr:tr + ph, tc:tc + pw] = True
         return self._jitter(x), self._jitter(second), changed
 
-    def pair(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self._pair()[:3]
-
-    def _pair(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    def pair(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """Both dates, the change mask, and whether the pair carries labels (not ``temporal``)."""
         if self.self_pairs and self.rng.random() < self.self_pairs:
             return (*self._self_pair(), True)
         unlabelled = bool(self.temporal_cities) and self.rng.random() < self.temporal
@@ -245,19 +242,16 @@ class PairSampler:
             a, b = b, a
         return self._jitter(a), self._jitter(b), np.ascontiguousarray(m), not unlabelled
 
-    def batch_masks(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``n`` pairs: date 1 crops, date 2 crops, their (n, crop, crop) change masks."""
-        return self.batch_labelled(n)[:3]
-
-    def batch_labelled(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`batch_masks` and (n,) bool: which pairs carry labels (not ``temporal``)."""
-        pairs = [self._pair() for _ in range(n)]
+    def batch_masks(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``n`` pairs: date 1 crops, date 2 crops, their (n, crop, crop) change masks, and
+        (n,) bool: which pairs carry labels."""
+        pairs = [self.pair() for _ in range(n)]
         return (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
                 np.stack([p[2] for p in pairs]), np.array([p[3] for p in pairs]))
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``n`` pairs and their (n, crop/32, crop/32) cell labels (1.0 changed)."""
-        a, b, masks = self.batch_masks(n)
+        a, b, masks, _ = self.batch_masks(n)
         return a, b, (cell_fraction(masks) > POSITIVE_FRACTION).astype(np.float32)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

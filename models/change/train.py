@@ -175,7 +175,7 @@ def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop:
     model.train()
     running = 0.0
     for step in range(1, steps + 1):
-        a, b, masks, labelled = sampler.batch_labelled(batch)
+        a, b, masks, labelled = sampler.batch_masks(batch)
         y = (dataset.cell_fraction(masks) > POSITIVE_FRACTION).astype(np.float32)
         z = model(torch.from_numpy(np.concatenate([a, b])))
         distances = subcell_distances(z[:batch], z[batch:])
