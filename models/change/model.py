@@ -92,9 +92,17 @@ class ChangeEncoder(nn.Module):
     the sub-cells. About 4.6 k multiply-accumulates per input pixel (300 M per 256 x 256 tile).
     """
 
-    def __init__(self, in_bands: int = 13, sub_dim: int = SUB_DIM, width: int = 32) -> None:
+    def __init__(self, in_bands: int = 13, sub_dim: int = SUB_DIM, width: int = 32,
+                 ignore_bands: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.in_bands = in_bands
+        # A lever measured on the folds (``train.py --ignore-bands``): these input bands are
+        # multiplied by zero, so the encoder cannot read them.
+        self.ignore_bands = tuple(ignore_bands)
+        if self.ignore_bands:
+            mask = torch.ones(1, in_bands, 1, 1)
+            mask[:, list(self.ignore_bands)] = 0.0
+            self.register_buffer("band_mask", mask, persistent=False)
         self.latent_dim = sub_dim * SUBCELLS
         self.spectral = nn.Sequential(_ConvBN(in_bands, width, kernel=1),
                                       _ConvBN(width, width, kernel=1))
@@ -105,6 +113,8 @@ class ChangeEncoder(nn.Module):
 
     def subcell_latents(self, x: torch.Tensor) -> torch.Tensor:
         """(N, sub_dim, H/8, W/8): one latent per 8 x 8 px sub-cell."""
+        if self.ignore_bands:
+            x = x * self.band_mask
         return self.head(self.context(self.pool(self.spectral(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +140,8 @@ class PairHead(nn.Module):
         return self.a * distance + self.b
 
 
-def build(bands: int = 13) -> ChangeEncoder:
-    return ChangeEncoder(in_bands=bands)
+def build(bands: int = 13, ignore_bands: tuple[int, ...] = ()) -> ChangeEncoder:
+    return ChangeEncoder(in_bands=bands, ignore_bands=ignore_bands)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -47,6 +47,7 @@ from onboard.models.change.model import (
     POSITIVE_FRACTION,
     SUBCELLS,
     PairHead,
+    band_names,
     build,
     cell_distance,
     dequantise,
@@ -148,7 +149,8 @@ def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop:
           lr: float = 2e-3, seed: int = 0, log_every: int = 100, val_every: int = 250,
           self_pairs: float = 0.0, pasted: float = 0.0, subcell_weight: float = 1.0,
           validate: str | None = None, keep_last: bool = False, temporal: float = 0.0,
-          real_shift: bool = False) -> tuple[Any, dict[str, Any]]:
+          real_shift: bool = False, ignore_bands: tuple[str, ...] = ()
+          ) -> tuple[Any, dict[str, Any]]:
     import copy
 
     torch.set_num_threads(1)
@@ -166,7 +168,13 @@ def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop:
     sampler = dataset.PairSampler(cities, crop=crop, seed=seed, shift=shift,
                                   self_pairs=self_pairs, extra_images=extra, pasted=pasted,
                                   temporal=temporal, temporal_cities=unlabelled)
-    model, head, subcell_head = build(bands), PairHead(), PairHead()
+    names_in_order = band_names(bands)
+    unknown = [b for b in ignore_bands if b not in names_in_order]
+    if unknown:
+        raise ValueError(f"--ignore-bands: {unknown} are not bands of the {bands}-band model "
+                         f"{names_in_order}")
+    ignored = tuple(names_in_order.index(b) for b in ignore_bands)
+    model, head, subcell_head = build(bands, ignored), PairHead(), PairHead()
     params = [*model.parameters(), *head.parameters(), *subcell_head.parameters()]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps,
@@ -224,6 +232,7 @@ def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop:
                  "validation_auprc": best[0], "validation_history": history,
                  "batch": batch, "crop": crop, "lr": lr, "self_pairs": self_pairs,
                  "pasted": pasted, "subcell_weight": subcell_weight, "temporal": temporal,
+                 "ignore_bands": list(ignore_bands),
                  "shift": np.round(np.atleast_1d(shift), 3).tolist(),
                  "seed": seed, "train_seconds": round(time.perf_counter() - started, 1),
                  "training_cities": names,
@@ -255,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                              "trained on as mostly unchanged")
     parser.add_argument("--real-shift", action="store_true",
                         help="per-band offsets as large as the training pairs' real ones")
+    parser.add_argument("--ignore-bands", default="", metavar="B01,B09,...",
+                        help="input bands the encoder multiplies by zero (never reads)")
     parser.add_argument("--keep-last", action="store_true",
                         help="with --validate, keep the last step's weights, not the best")
     parser.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data")
@@ -264,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                         args.seed, self_pairs=args.self_pairs, pasted=args.pasted,
                         subcell_weight=args.subcell_weight, validate=args.validate,
                         keep_last=args.keep_last, temporal=args.temporal,
-                        real_shift=args.real_shift)
+                        real_shift=args.real_shift,
+                        ignore_bands=tuple(b for b in args.ignore_bands.split(",") if b))
     out = args.out or HERE
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / weights_path(args.bands).name)
