@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from onboard.models.data import default_data_root
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 CLOUD = REPO / "models" / "cloud" / "cloud-4band-int8-ort.onboard"
@@ -282,7 +284,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=default_data_root())
     parser.add_argument("--cities", nargs="*")
     parser.add_argument("--figure-only", action="store_true",
                         help="redraw the PNG and the markdown from the JSON of the last run")

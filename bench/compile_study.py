@@ -35,12 +35,8 @@ from typing import Any
 import numpy as np
 
 from onboard.compile import measure
-from onboard.compile.pipeline import (
-    CompileOptions,
-    compile_model,
-    default_data_root,
-    resolve_model,
-)
+from onboard.compile.pipeline import CompileOptions, compile_model, resolve_model
+from onboard.models.data import default_data_root
 from onboard.runtime.errors import AccuracyGateError
 
 COMPILE = Path(__file__).resolve().parents[1] / "compile"  # REPORT.md sits by the compiler

@@ -28,13 +28,13 @@ import numpy as np
 from onboard.bench.measure import (
     REPO,
     RESULTS,
-    default_data,
     in_child,
     latency_stats,
     peak_rss_mb,
     sample_tiles,
     timed_calls,
 )
+from onboard.models.data import default_data_root
 
 MODULE = "onboard.bench.engines"
 
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peers", action="store_true")
-    parser.add_argument("--data", type=Path, default=default_data())
+    parser.add_argument("--data", type=Path, default=default_data_root())
     parser.add_argument("--out", type=Path, default=RESULTS / "engines")
     args = parser.parse_args(argv)
     from onboard.bench import peers, report

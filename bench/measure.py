@@ -18,10 +18,6 @@ SAMPLE = REPO / "runtime" / "sample" / "hongkong"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def default_data() -> Path:
-    return Path(os.environ.get("ONBOARD_DATA", REPO.parent / "shared" / "data"))
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

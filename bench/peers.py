@@ -142,7 +142,7 @@ def child_s2cloudless(spec: dict[str, Any]) -> dict[str, Any]:
                               "latency_s": _timed(run, spec["latency_calls"])}
     result.update(_throughput(run, spec["throughput_calls"], 256 * 256 / 1e6))
     result.update(metric="n/a", why="needs 10 Sentinel-2 bands; the held-out human-labelled UKIS "
-                                    "rows have 6 (it is the teacher on the 13-band scenes)")
+                                    "scene has 6 (it is the teacher on the 13-band scenes)")
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 

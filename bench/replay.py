@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from onboard.models.data import default_data_root
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 CLOUD = REPO / "models" / "cloud" / "cloud-4band-int8-ort.onboard"
@@ -191,8 +193,7 @@ def markdown(sections: list[list[str]], meta: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "ONBOARD_DATA", REPO.parent / "shared" / "data")))
+    parser.add_argument("--data", type=Path, default=default_data_root())
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--cities", type=int, default=0, help="only the first N (0: all)")
     parser.add_argument("--out", type=Path, default=RESULTS / "replay")

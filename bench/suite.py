@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from onboard.bench import engines, peers, report
-from onboard.bench.measure import default_data
+from onboard.models.data import default_data_root
 
 CACHE = Path(tempfile.gettempdir()) / "onboard-bench"
 
@@ -38,7 +38,7 @@ class BenchOptions:
     threads: list[int] = field(default_factory=list)  # default: [2] quick, [1, 2] full
     rounds: int | None = None  # default: 1 quick, 3 full
     peers: bool = True
-    data: Path = field(default_factory=default_data)
+    data: Path = field(default_factory=default_data_root)
     scene_sizes: list[int] = field(default_factory=list)  # default: [1024] quick, [4096, 10980]
     e2e: bool = True
     hil: str | None = None  # HOST:PORT of an onboard serve

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onboard.models.data import default_data_root
+from onboard.models.superres.dataset import MALMO_FILE
 from onboard.runtime.downlink.products import write_geotiff
 from onboard.runtime.georef import CRS, Affine, Georef
 
@@ -33,13 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "models" / "superres" / "superres-x2-int8-ort.onboard"
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_RSS_MB = 400.0
-MALMO = ROOT.parent / "shared" / "data" / "sr" / "dsen2_S2A_20170527_T33UUB.npz"
 
 
 def _texture() -> np.ndarray:
     """(4, H, W) uint16 real 10 m bands."""
-    if MALMO.exists():
-        return np.moveaxis(np.load(MALMO)["im10"], -1, 0)
+    malmo = default_data_root() / MALMO_FILE
+    if malmo.exists():
+        return np.moveaxis(np.load(malmo)["im10"], -1, 0)
     from onboard.runtime.sources.oscd import OscdScene
     from onboard.runtime.windows import Window
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from onboard.compile import export, gate, measure, openvino, prune, quantize, runners
+from onboard.models.data import default_data_root
 from onboard.models.zoo import ZooModel
 from onboard.runtime.errors import AccuracyGateError, CompileError, SizeBudgetError
 
@@ -177,13 +178,6 @@ def _check_bands(what: str, x: np.ndarray, zoo: ZooModel, root: Path) -> None:
             f"{what} from {root} has {x.shape[1]} bands, but {zoo.name} takes "
             f"{len(zoo.bands)} ({', '.join(zoo.bands)})"
         )
-
-
-def default_data_root() -> Path:
-    """The one default data root (zoo models' data, benches): ``ONBOARD_DATA``, else the
-    ``shared/data`` folder beside the repository."""
-    default = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return Path(os.environ.get("ONBOARD_DATA", default))
 
 
 def load_data(zoo: ZooModel, root: Path, n_calibration: int
@@ -557,7 +551,9 @@ def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps
 
 def check_gate_set(zoo: ZooModel, validation: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """A zoo entry that names its gate scenes must gate on enough of them to see a regression:
-    at least ``gate.MIN_GATE_TILES`` tiles from ``gate.MIN_GATE_SCENES`` scenes."""
+    at least ``gate.MIN_GATE_TILES`` tiles from ``gate.MIN_GATE_SCENES`` scenes, one validation
+    batch per named scene (in the same order) and at least one tile in each. Counting names
+    alone would let a scene that yields no tile (too small, all no data) pass as gated on."""
     scenes = zoo.extra.get("gate_scenes")
     if scenes is None:
         return
@@ -568,6 +564,16 @@ def check_gate_set(zoo: ZooModel, validation: list[tuple[np.ndarray, np.ndarray]
             f"{zoo.name}: the accuracy gate would see {tiles} tiles from {len(scenes)} scenes; "
             f"it needs at least {gate.MIN_GATE_TILES} tiles from {gate.MIN_GATE_SCENES} scenes "
             "that were not used for training or calibration")
+    if len(validation) != len(scenes):
+        raise CompileError(
+            f"{zoo.name}: {len(validation)} validation batches for {len(scenes)} named gate "
+            "scenes; the entry must give one batch per scene, in the order of "
+            "extra['gate_scenes'], so the manifest names what the gate saw")
+    empty = [str(name) for name, (x, _) in zip(scenes, validation, strict=True) if len(x) == 0]
+    if empty:
+        raise CompileError(
+            f"{zoo.name}: gate scenes with no validation tile: {', '.join(empty)}; each named "
+            "scene must contribute at least one tile")
 
 
 def gate_extra(zoo: ZooModel, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+
+from onboard.models.data import default_data_root
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
 SAMPLE = REPO / "runtime" / "sample" / "hongkong"
 
 
-def _shared_data() -> Path:
-    return Path(os.environ.get("ONBOARD_DATA", REPO.parent / "shared" / "data"))
-
-
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared imagery (``ONBOARD_DATA``); tests that need it skip, saying why, without it."""
-    path = _shared_data()
+    path = default_data_root()
     if not (path / "README.md").exists():
         pytest.skip(f"shared imagery not found at {path} (set ONBOARD_DATA)")
     return path

@@ -149,7 +149,12 @@ def test_zoo_entries_agree_with_the_shipped_bundles(name, bands):
 
     entry = zoo.get(name)
     assert len(entry.bands) == bands and entry.card is not None and entry.card.exists()
-    for bundle in sorted((Path(entry.weights).parent).glob(f"{name}-*.onboard")):
+    found = sorted((Path(entry.weights).parent).glob(f"{name}-*.onboard"))
+    # The loop below checks nothing unless the shipped bundles are there to read.
+    shipped = {f"{name}-{variant}.onboard" for variant in ("fp32-ort", "int8-ort", "int8-ov")}
+    names = {bundle.name for bundle in found}
+    assert shipped <= names, f"shipped bundles missing: {sorted(shipped - names)}"
+    for bundle in found:
         manifest = Bundle.open(bundle).manifest
         assert manifest.task == entry.task and manifest.version == entry.version, bundle.name
         assert manifest.input.bands == entry.bands and manifest.input.scale == entry.input_scale
@@ -176,9 +181,11 @@ def test_the_one_exporter_matches_torch(tmp_path, test_data):
     assert np.abs(got - want).max() < 1e-3
     assert {n.op_type for n in __import__("onnx").load(str(path)).graph.node} <= {
         "Conv", "Relu", "Add", "Concat", "Resize", "AveragePool", "Constant"}
+    import onboard.models.change.model as change_module
     import onboard.models.cloud.model as model_module
 
     assert not hasattr(model_module, "export_onnx")
+    assert not hasattr(change_module, "export_onnx")
 
 
 def test_teacher_labels_from_probability():
@@ -245,6 +252,25 @@ def test_sampler_tiles_at_several_pixel_sizes(shared_data):
     assert y.shape == (6, 64, 64) and set(np.unique(y)) <= {0, 1, 2, 255}
 
 
+def test_sampler_refuses_test_scenes():
+    """No path feeds UKIS (or any human-labelled) pixels into training: the sampler refuses them
+    whatever their labels, and the 0.2 recipe's options are gone from the command line."""
+    from onboard.models.cloud.train import main
+    from onboard.runtime.errors import OnboardError
+
+    image, labels = np.zeros((6, 64, 64), np.float32), np.zeros((64, 64), np.uint8)
+    teacher = dataset.LabelledScene("oscd-abudhabi-1", image, labels, 30.0, human=False)
+    assert len(dataset.TileSampler([teacher], 4, tile=64).teacher) >= 1
+    for scene in (dataset.LabelledScene("ukis", image, labels, 30.0, human=True),
+                  dataset.LabelledScene("ukis@60m", image, labels, 60.0, human=False),
+                  dataset.LabelledScene("landsat7", image, labels, 30.0, human=True)):
+        with pytest.raises(OnboardError, match=f"never training data: {scene.name}"):
+            dataset.TileSampler([teacher, scene], 4, tile=64)
+    for removed in (["--recipe", "human"], ["--tune-rows", "96"], ["--human-share", "0.5"]):
+        with pytest.raises(SystemExit):
+            main(["--bands", "4", *removed])
+
+
 def test_missing_data_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="ukis_sentinel2_6band.npz"):
         dataset.ukis_scene(tmp_path)
@@ -264,35 +290,6 @@ def test_calibration_tiles_from_training_split(shared_data):
     ukis = dataset.ukis_scene(shared_data).image
     for tile in tiles:
         assert not np.any(np.all(ukis.transpose(1, 2, 0) == tile[:, 0, 0], axis=2))
-
-
-def test_folded_offset_moves_only_the_cloud_logit():
-    from onboard.models.cloud.calibrate import fold_offset
-
-    entry = zoo.get("cloud-4band")
-    state = torch.load(entry.weights, weights_only=True)
-    model, shifted = entry.build(), entry.build()
-    model.load_state_dict(state)
-    shifted.load_state_dict(fold_offset(state, 0.4))
-    x = torch.rand(1, 4, 64, 64) * 0.3
-    with torch.no_grad():
-        diff = (shifted(x) - model(x))[0]
-    assert torch.allclose(diff[1], torch.full_like(diff[1], 0.4), atol=1e-5)
-    assert float(diff[[0, 2]].abs().max()) < 1e-6
-    stored = torch.load(entry.weights, weights_only=True)["head.bias"]
-    assert torch.equal(state["head.bias"], stored)  # the input state is not changed
-
-
-def test_operating_point_keeps_f1_within_budget():
-    from onboard.models.cloud.calibrate import choose
-
-    rows = [{"offset": 0.0, "cloud_boa": 0.95, "cloud_f1": 0.92},
-            {"offset": 0.1, "cloud_boa": 0.96, "cloud_f1": 0.915},
-            {"offset": 0.2, "cloud_boa": 0.96, "cloud_f1": 0.912},
-            {"offset": 0.3, "cloud_boa": 0.97, "cloud_f1": 0.90}]
-    assert choose(rows, 0.01)["offset"] == 0.1  # 0.3 costs too much F1; ties: smaller offset
-    assert choose(rows, 0.05)["offset"] == 0.3
-    assert choose(rows, 0.0)["offset"] == 0.0
 
 
 def test_synthetic_clouds_label_what_they_composite(shared_data):

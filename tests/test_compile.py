@@ -643,24 +643,49 @@ def test_gate_set_must_be_large_enough_and_is_named_in_the_manifest() -> None:
     from onboard.compile.gate import MIN_GATE_SCENES, MIN_GATE_TILES
     from onboard.compile.pipeline import check_gate_set, gate_extra
 
-    tile = np.zeros((1, 4, 16, 16), np.float32), np.zeros((1, 16, 16), np.uint8)
-    entry = ZooModel(name="tiny", task="cloud", version="0", build=lambda: None,
-                     weights=Path("w.pt"), bands=["blue"], input_scale=[1.0],
-                     input_offset=[0.0], tile_size=16, gsd_m=10.0, output_kind="classes",
-                     metric_name="boa", extra={"gate_scenes": ["a", "b", "c"]})
-    enough = [tile] * MIN_GATE_TILES
+    entry = _gate_entry(["a", "b", "c"])
+    third = -(-MIN_GATE_TILES // 3)
+    enough = [_gate_batch(third)] * 3  # one batch per named scene
     check_gate_set(entry, enough)
-    with pytest.raises(CompileError, match=f"{MIN_GATE_TILES - 1} tiles from 3 scenes"):
-        check_gate_set(entry, enough[1:])
+    with pytest.raises(CompileError, match=f"{3 * (third - 1)} tiles from 3 scenes"):
+        check_gate_set(entry, [_gate_batch(third - 1)] * 3)
     entry.extra["gate_scenes"] = lambda: ["a", "b"]
     with pytest.raises(CompileError, match=f"from {MIN_GATE_SCENES} scenes"):
-        check_gate_set(entry, enough)
+        check_gate_set(entry, [_gate_batch(MIN_GATE_TILES)] * 2)
     got = gate_extra(entry, {"validation_tiles": 70, "boa": 0.9, "boa_fp32": 0.91})
     assert got == {"gate": {"scenes": ["a", "b"], "tiles": 70, "metric": "boa", "fp32": 0.91,
                             "final": 0.9}}
     entry.extra.pop("gate_scenes")
-    check_gate_set(entry, [tile])  # entries that name no gate scenes are not held to it
+    check_gate_set(entry, [_gate_batch(1)])  # entries that name no gate scenes are not held to it
     assert gate_extra(entry, {"validation_tiles": 1}) == {}
+
+
+def _gate_entry(scenes: list[str]) -> ZooModel:
+    return ZooModel(name="tiny", task="cloud", version="0", build=lambda: None,
+                    weights=Path("w.pt"), bands=["blue"], input_scale=[1.0],
+                    input_offset=[0.0], tile_size=16, gsd_m=10.0, output_kind="classes",
+                    metric_name="boa", extra={"gate_scenes": scenes})
+
+
+def _gate_batch(tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((tiles, 4, 16, 16), np.float32), np.zeros((tiles, 16, 16), np.uint8)
+
+
+def test_gate_set_needs_a_tile_from_every_named_scene() -> None:
+    """Enough tiles and enough names are not enough: each named scene has its own batch (the
+    manifest's gate.scenes says what the gate saw) and gives at least one tile."""
+    from onboard.compile.gate import MIN_GATE_TILES
+    from onboard.compile.pipeline import check_gate_set
+
+    entry = _gate_entry(["a", "b", "c"])
+    with pytest.raises(CompileError, match="no validation tile: b, c;"):
+        check_gate_set(entry, [_gate_batch(MIN_GATE_TILES), _gate_batch(0), _gate_batch(0)])
+    with pytest.raises(CompileError, match="no validation tile: b;"):
+        check_gate_set(entry, [_gate_batch(MIN_GATE_TILES), _gate_batch(0), _gate_batch(1)])
+    for batches in ([_gate_batch(MIN_GATE_TILES)], [_gate_batch(MIN_GATE_TILES // 4)] * 4):
+        with pytest.raises(CompileError, match=f"{len(batches)} validation batches for 3 named"):
+            check_gate_set(entry, batches)
+    check_gate_set(entry, [_gate_batch(MIN_GATE_TILES - 2), _gate_batch(1), _gate_batch(1)])
 
 
 def test_cli_sign_signs_the_bundle_it_writes_and_the_report_names_the_key(

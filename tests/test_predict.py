@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import ukis_bundle
 
-from onboard.runtime.bundle import write_bundle
+from onboard.runtime.bundle import Bundle, write_bundle
 from onboard.runtime.engines import open_engine
 from onboard.runtime.errors import ConfigError
 from onboard.runtime.inference import NODATA_CLASS, Predictor
@@ -19,7 +20,9 @@ from onboard.runtime.sources.geotiff import GeoTiffScene
 from onboard.runtime.sources.oscd import OscdScene
 from onboard.runtime.stages import TileWork
 from onboard.runtime.stages.cloud import CLOUD, CloudGate, CloudStage
-from onboard.runtime.windows import CoreGrid, Window
+from onboard.runtime.windows import CoreGrid, TileGrid, Window
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -86,20 +89,58 @@ def test_predict_names_a_missing_band(tmp_path, cloud_bundle, test_data):
     assert not out.exists()
 
 
-def test_tiling_does_not_change_the_answer_away_from_edges(predictor, shared_data):
-    # A whole OSCD date (408 x 390) is four 256-pixel tiles, so the seams are really there:
-    # butted tiles and overlapping ones must place every tile where it belongs and agree.
-    scene = OscdScene(shared_data / "oscd" / "paris" / "imgs_2")
-    totals: list[int] = []
-    butted = predictor.predict_scene(scene, overlap=0,
-                                     progress=lambda done, total: totals.append(total))
-    overlapped = predictor.predict_scene(scene, overlap=64)
-    assert butted.shape == (1, scene.height, scene.width) and totals[-1] == 4
-    assert (butted != NODATA_CLASS).all() and (overlapped != NODATA_CLASS).all()
-    # Context differs near seams; a misplaced or flipped tile would disagree over its area.
-    assert np.mean(butted == overlapped) > 0.97
-    flipped = np.flip(overlapped[0, :256, :256])
-    assert np.mean(butted[0, :256, :256] == flipped) < np.mean(butted == overlapped)
+# The shipped 4-band model (fully convolutional, any multiple of 16) and the stitched mask of its
+# 256-pixel tiles against one run over the whole 512 x 512 UKIS scene, measured 0.9996 with a
+# 32-pixel halo and 0.9967 butted (no halo: the context a tile cannot see shows at its seams).
+# Every tile core holds 12-36 % cloud: one core moved over by one pixel falls to 0.9966 (below the
+# halo bound), by two to 0.9938 (below both), misplaced or flipped to 0.92-0.95. Re-measure when
+# that bundle is rebuilt.
+TILED_AGREEMENT = {64: 0.999, 0: 0.995}
+
+
+def test_tiling_matches_a_whole_scene_run(tmp_path, shared_data):
+    from onboard.models.cloud.dataset import ukis_scene
+    from onboard.runtime.downlink.products import write_geotiff
+
+    shipped = Bundle.open(REPO / "models" / "cloud" / "cloud-4band-fp32-ort.onboard")
+    spec = shipped.manifest.input
+    image = ukis_scene(shared_data).image[: len(spec.bands)]  # reflectance: scale 1 below
+    scene_path = tmp_path / "ukis.tif"
+    write_geotiff(scene_path, image, list(spec.bands), None)
+    size = image.shape[1]
+    assert image.shape[1:] == (size, size) and size == 2 * spec.tile_size
+    whole = write_bundle(tmp_path / "whole.onboard",
+                         replace(shipped.manifest, input=replace(spec, tile_size=size)),
+                         {"model.onnx": shipped.read(shipped.manifest.engines["onnxruntime"])})
+    whole_engine = open_engine(whole, threads=2, batch_size=1)
+    tiled_engine = open_engine(shipped.path, threads=2, batch_size=4)
+    try:
+        with GeoTiffScene(scene_path) as scene:
+            reference = Predictor(whole_engine, scale=1.0).predict_scene(scene, overlap=0)[0]
+            tiles = Predictor(tiled_engine, scale=1.0)
+            tiled = {}
+            for overlap in TILED_AGREEMENT:
+                done: list[int] = []
+                tiled[overlap] = tiles.predict_scene(
+                    scene, overlap=overlap, progress=lambda n, _total, seen=done: seen.append(n))[0]
+                assert done[-1] == len(TileGrid(size, size, spec.tile_size, overlap)) > 1
+    finally:
+        whole_engine.close()
+        tiled_engine.close()
+
+    for overlap, bound in TILED_AGREEMENT.items():
+        for placement in TileGrid(size, size, spec.tile_size, overlap):
+            # Cloud and clear in every core: no tile can be misplaced unseen.
+            assert 0.05 < np.mean(reference[placement.core.slices] == CLOUD) < 0.95, placement
+        assert np.mean(tiled[overlap] == reference) >= bound, overlap
+    # The bounds can fail: one core moved by two pixels, put in its neighbour's place, flipped.
+    half = spec.tile_size
+    wrong = {"shifted": np.roll(reference[:half, :half], 2, axis=1),
+             "misplaced": reference[:half, half:], "flipped": reference[:half, :half][::-1, ::-1]}
+    for name, core in wrong.items():
+        broken = reference.copy()
+        broken[:half, :half] = core
+        assert np.mean(broken == reference) < min(TILED_AGREEMENT.values()), name
 
 
 def test_invalid_pixels_come_out_as_nodata(predictor, test_data):

@@ -60,7 +60,7 @@ def manifest_extra(bands: int) -> dict[str, Any]:
 def _build(bands: int) -> Any:
     from onboard.models.change.model import build
 
-    return build(bands)
+    return build(bands, calibration(bands).get("ignore_bands", ()))
 
 
 def validation_batches(root: Path, bands: int = 13) -> list[tuple[np.ndarray, np.ndarray]]:

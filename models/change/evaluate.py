@@ -1,6 +1,6 @@
 """Evaluate the change encoder against RaVAEn's pixel baselines on held-out cities, in one run.
 
-    python -m onboard.models.change.evaluate [--bands 13 4] [--data ../shared/data]
+    python -m onboard.models.change.evaluate [--bands 13 4] [--data DIR]
 
 On the held-out OSCD cities (beihai, bordeaux, nantes: never trained or calibrated on), cells of
 32 x 32 pixels at 10 m, positive when more than 1 % of their pixels changed:
@@ -19,7 +19,8 @@ On the held-out OSCD cities (beihai, bordeaux, nantes: never trained or calibrat
   the memory must recognise the return of an earlier state.
 
 Encoding is window by window (256 x 256, the runtime's tiling), every window on its own.
-Writes ``results.json``, ``results.md`` and ``heldout_change.png`` beside this file.
+Writes ``results.json``, ``results.md`` and ``heldout_change.png`` beside this file. ``--data``
+defaults to ``$ONBOARD_DATA``, else ``../shared/data`` (:mod:`onboard.models.data`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from onboard.models.change.scoring import (
     memory_score,
     quantise,
 )
+from onboard.models.data import default_data_root
 
 HERE = Path(__file__).resolve().parent
 THREADS = 2
@@ -51,11 +53,14 @@ Encode = Callable[[np.ndarray], np.ndarray]
 def torch_encoder(bands: int, weights: Path | None = None) -> Encode:
     import torch
 
+    from onboard.models.change import calibration
     from onboard.models.change.model import build
 
     torch.set_num_threads(THREADS)
-    model = build(bands)
     path = weights or HERE / f"weights_{bands}band.pt"
+    info = calibration(bands) if weights is None else json.loads(
+        (path.parent / f"calibration_{bands}band.json").read_text())
+    model = build(bands, info.get("ignore_bands", ()))
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     model.eval()
 
@@ -319,7 +324,7 @@ def run(root: Path, bands_list: tuple[int, ...] = (13, 4), out: Path = HERE) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bands", type=int, nargs="+", default=[13, 4])
-    parser.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=default_data_root())
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
     results = run(args.data, tuple(args.bands), args.out)

@@ -43,7 +43,7 @@ opset 17 and quantises to INT8 cleanly.
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -140,34 +140,16 @@ class PairHead(nn.Module):
         return self.a * distance + self.b
 
 
-def build(bands: int = 13, ignore_bands: tuple[int, ...] = ()) -> ChangeEncoder:
-    return ChangeEncoder(in_bands=bands, ignore_bands=ignore_bands)
+def build(bands: int = 13, ignore_bands: Sequence[str] = ()) -> ChangeEncoder:
+    """The encoder of a variant; ``ignore_bands`` (band names, as the calibration file lists
+    them) are multiplied by zero at its input."""
+    names = band_names(bands)
+    unknown = [b for b in ignore_bands if b not in names]
+    if unknown:
+        raise ValueError(f"ignore_bands: {unknown} are not bands of the {bands}-band model "
+                         f"{names}")
+    return ChangeEncoder(in_bands=bands, ignore_bands=tuple(names.index(b) for b in ignore_bands))
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# --- export and bundle ------------------------------------------------------------------------
-
-def export_onnx(model: ChangeEncoder, path: Path, tile: int = TILE) -> Path:
-    """ONNX opset 17 with the interface's tensor names; batch, height and width are free."""
-    import warnings
-
-    import onnx
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    example = torch.zeros(1, model.in_bands, tile, tile)
-    axes = {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-                          do_constant_folding=True)
-    onnx.checker.check_model(str(path))
-    return path
-
-

@@ -1,6 +1,6 @@
 """Train the change encoder on the training cities, then fit its latent scale and calibration.
 
-    python -m onboard.models.change.train --bands 13 [--steps 2500] [--data ../shared/data]
+    python -m onboard.models.change.train --bands 13 [--steps 2500] [--data DIR]
 
 Siamese and supervised: both dates of a crop go through the same encoder. A cell's distance is
 the largest L2 distance between the two dates' latents of its 16 sub-cells (8 x 8 px); through
@@ -27,7 +27,8 @@ same with ``--bands 4`` (1500 steps, as version 0.1; the recipe was chosen on tw
 adopted; the card gives their numbers.
 
 Writes ``weights_{bands}band.pt`` (the encoder's state_dict) and ``calibration_{bands}band.json``
-beside this file. torch runs on one thread: the machine is shared.
+beside this file. torch runs on one thread: the machine is shared. ``--data`` defaults to
+``$ONBOARD_DATA``, else ``../shared/data`` (:mod:`onboard.models.data`).
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ from onboard.models.change.model import (
     POSITIVE_FRACTION,
     SUBCELLS,
     PairHead,
-    band_names,
     build,
     cell_distance,
     dequantise,
     quantise,
     subcell_distances,
 )
+from onboard.models.data import default_data_root
 
 HERE = Path(__file__).resolve().parent
 # A sub-cell (64 px) is a positive of the auxiliary loss when more than 10 % of it changed, a
@@ -168,13 +169,7 @@ def train(bands: int, data_root: Path, steps: int = 2500, batch: int = 16, crop:
     sampler = dataset.PairSampler(cities, crop=crop, seed=seed, shift=shift,
                                   self_pairs=self_pairs, extra_images=extra, pasted=pasted,
                                   temporal=temporal, temporal_cities=unlabelled)
-    names_in_order = band_names(bands)
-    unknown = [b for b in ignore_bands if b not in names_in_order]
-    if unknown:
-        raise ValueError(f"--ignore-bands: {unknown} are not bands of the {bands}-band model "
-                         f"{names_in_order}")
-    ignored = tuple(names_in_order.index(b) for b in ignore_bands)
-    model, head, subcell_head = build(bands, ignored), PairHead(), PairHead()
+    model, head, subcell_head = build(bands, ignore_bands), PairHead(), PairHead()
     params = [*model.parameters(), *head.parameters(), *subcell_head.parameters()]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps,
@@ -268,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="input bands the encoder multiplies by zero (never reads)")
     parser.add_argument("--keep-last", action="store_true",
                         help="with --validate, keep the last step's weights, not the best")
-    parser.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=default_data_root())
     parser.add_argument("--out", type=Path, default=None, help="folder (default: beside here)")
     args = parser.parse_args(argv)
     model, info = train(args.bands, args.data, args.steps, args.batch, args.crop, args.lr,

@@ -3,13 +3,15 @@
 Sources, all read from ``ONBOARD_DATA`` (``../shared/data``):
 
 * ``cloud/ukis_sentinel2_6band.npz``: human masks with cloud shadow, ~30 m. Version 0.3 holds
-  it out WHOLE (evaluation and the compile gate only); 0.2 trained on rows 224-511.
+  it out WHOLE (evaluation and the compile gate only); 0.2 trained on rows 224-511 (that
+  recipe and its row split were removed; :class:`TileSampler` refuses human-labelled scenes).
 * ``cloud/s2cloudless_l1c_13band.npz``: the only scene with much cloud; 0.3 trains on all of it
   with ukis-csmask teacher labels (:func:`s2cloudless_distilled`).
 * OSCD cities (both dates): 0.3 trains on ukis-csmask teacher labels at 30 m
   (:func:`oscd_distilled`, cached in ``ONBOARD_CACHE``, default ``~/.cache/onboard``); the
   cities in ``OSCD_HELDOUT`` are never trained or calibrated on. 0.2 used s2cloudless's
-  probability (:func:`oscd_scene`, :func:`labels_from_probability`), kept for that recipe.
+  probability (:func:`oscd_scene`, :func:`labels_from_probability`); the 13-band scene's
+  s2cloudless labels still serve the agreement filter (:func:`with_s2cloudless_agreement`).
 
 Teacher probabilities become labels by :func:`labels_from_probability` (smoothed, with an
 uncertain band ignored, and clear for sure far from any cloud).
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onboard.models.data import default_data_root
 from onboard.runtime.errors import SceneError
 
 BANDS_6 = ("blue", "green", "red", "nir", "swir16", "swir22")
@@ -36,10 +39,6 @@ CLEAR, CLOUD, SHADOW, NOT_CLOUD, IGNORE = 0, 1, 2, 3, 255
 
 UKIS_FILE = "cloud/ukis_sentinel2_6band.npz"
 S2C_FILE = "cloud/s2cloudless_l1c_13band.npz"
-# Top 224 of 512 rows (44 %): 12 % shadow and 20 % cloud by the human masks; it contains the
-# committed test crop img[:128, :128].
-UKIS_HELDOUT_ROWS = 224
-S2C_HELDOUT_FROM = 512
 OSCD_HELDOUT = ("hongkong", "paris", "dubai", "milano")
 # Sentinel-2 bands for BANDS_6 and the 10 bands s2cloudless takes (all_bands=False).
 S2_MODEL_BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")
@@ -73,11 +72,7 @@ class LabelledScene:
 
 def data_root(root: str | Path | None = None) -> Path:
     """``root``, or the project's one default (``ONBOARD_DATA``, else ``../shared/data``)."""
-    if root is not None:
-        return Path(root)
-    from onboard.compile.pipeline import default_data_root
-
-    return default_data_root()
+    return Path(root) if root is not None else default_data_root()
 
 
 def cache_dir() -> Path:
@@ -118,12 +113,6 @@ def s2cloudless_scene(root: str | Path | None = None) -> LabelledScene:
     idx = [0, 1, 3, 4, 7, 8, 9, 10, 11, 12]  # the 10 s2cloudless bands within the 13
     return LabelledScene("s2cloudless-13band", image, labels, 10.0, human=False,
                          s2c_bands=np.ascontiguousarray(im[..., idx], dtype=np.float32))
-
-
-def split_rows(scene: LabelledScene, start: int, stop: int) -> LabelledScene:
-    s2c = None if scene.s2c_bands is None else scene.s2c_bands[start:stop]
-    return LabelledScene(f"{scene.name}[{start}:{stop}]", scene.image[:, start:stop],
-                         scene.labels[start:stop], scene.gsd_m, scene.human, s2c)
 
 
 def oscd_cities(root: str | Path | None = None) -> list[str]:
@@ -275,20 +264,6 @@ def oscd_distilled(city: str, date: int, root: str | Path | None = None,
     return LabelledScene(f"oscd-{city}-{date}", image30, labels, 30.0, human=False)
 
 
-def training_scenes(root: str | Path | None = None, oscd: bool = True) -> list[LabelledScene]:
-    """Every training-split scene (never any held-out pixel)."""
-    ukis = ukis_scene(root)
-    s2c = s2cloudless_scene(root)
-    scenes = [split_rows(ukis, UKIS_HELDOUT_ROWS, ukis.labels.shape[0]),
-              split_rows(s2c, 0, S2C_HELDOUT_FROM)]
-    if oscd:
-        for city in oscd_cities(root):
-            if city in OSCD_HELDOUT:
-                continue
-            scenes += [oscd_scene(city, 1, root), oscd_scene(city, 2, root)]
-    return scenes
-
-
 def s2cloudless_distilled(root: str | Path | None = None,
                           confidence: float = CSMASK_CONFIDENCE) -> LabelledScene:
     """The whole 13-band scene with ukis-csmask teacher labels (its 6-band model on the scene's
@@ -372,40 +347,6 @@ def scene_tiles(scene: LabelledScene, bands: int, size: int) -> tuple[np.ndarray
     return np.ascontiguousarray(np.stack(xs), np.float32), np.stack(ys)
 
 
-CALIBRATION_CITIES = ("abudhabi", "beihai", "bercy")
-
-
-def training_images(root: str | Path | None = None,
-                    cities: tuple[str, ...] = CALIBRATION_CITIES) -> list[np.ndarray]:
-    """Unlabelled training-split images (no teacher needed): the UKIS and 13-band training rows
-    and a few training OSCD cities (desert, cloudy coast, cloudy city) read straight from disk."""
-    images = [s.image for s in training_scenes(root, oscd=False)]
-    folder = data_root(root) / "oscd"
-    for city in cities:
-        if city in OSCD_HELDOUT or not (folder / city).is_dir():
-            continue
-        images.append(_read_oscd(folder / city / "imgs_1")[0])
-    return images
-
-
-def heldout_human(root: str | Path | None = None) -> LabelledScene:
-    """The held-out human-labelled rows of the UKIS scene."""
-    ukis = ukis_scene(root)
-    return split_rows(ukis, 0, UKIS_HELDOUT_ROWS)
-
-
-def heldout_teacher(root: str | Path | None = None,
-                    with_s2c_bands: bool = False) -> list[LabelledScene]:
-    """Held-out teacher-labelled scenes: the bottom of the 13-band scene and the held-out cities."""
-    s2c = s2cloudless_scene(root)
-    scenes = [split_rows(s2c, S2C_HELDOUT_FROM, s2c.labels.shape[0])]
-    for city in OSCD_HELDOUT:
-        for date in (1, 2):
-            scenes.append(oscd_scene(city, date, root, with_s2c_bands=with_s2c_bands))
-    return scenes
-
-
-
 def _pool_labels(labels: np.ndarray, f: int) -> np.ndarray:
     """Labels for an f x f average-pooled image: the majority of each block, IGNORE if mixed."""
     h, w = labels.shape[0] // f * f, labels.shape[1] // f * f
@@ -479,7 +420,7 @@ def _repeat_labels(labels: np.ndarray, f: int) -> np.ndarray:
 
 
 class TileSampler:
-    """Random augmented training tiles from the training split only.
+    """Random augmented training tiles from teacher-labelled training scenes only.
 
     Each teacher scene is also seen at other pixel sizes: a 30 m scene at 10 m (its labels
     repeated onto the 10 m image it was averaged from, when that is known) and at 60 m; a 10 m
@@ -488,10 +429,15 @@ class TileSampler:
     each tile look like another sensor's (:class:`SensorAugment`). ``synthetic`` (a
     :class:`synthetic.SyntheticClouds`) composites clouds onto ``synthetic_p`` of the tiles
     drawn from clear scenes.
+
+    A human-labelled scene, or any view of the UKIS scene (named ``ukis...``, whatever its
+    labels), is refused: they are test scenes (UKIS is held out whole, the other sensors' scenes
+    live outside the shared data), and training on one would leak the evaluation into the
+    weights.
     """
 
     def __init__(self, scenes: list[LabelledScene], bands: int, tile: int = 128,
-                 seed: int = 0, human_share: float = 0.75, cloudy_share: float = 0.5,
+                 seed: int = 0, cloudy_share: float = 0.5,
                  augment: SensorAugment | None = None,
                  fine: dict[str, np.ndarray] | None = None,
                  synthetic: Callable[[np.ndarray, np.ndarray, np.random.Generator],
@@ -500,18 +446,18 @@ class TileSampler:
         self.bands = bands
         self.tile = tile
         self.rng = np.random.default_rng(seed)
-        self.human_share = human_share
         self.cloudy_share = cloudy_share
         self.augment = augment or SensorAugment.none()
         self.synthetic = synthetic
         self.synthetic_p = synthetic_p
-        self.human: list[LabelledScene] = []
         self.teacher: list[LabelledScene] = []
         fine = fine or {}
+        test = [s.name for s in scenes if s.human or s.name.startswith("ukis")]
+        if test:
+            raise SceneError(None, f"test scenes are never training data: {', '.join(test)} "
+                                   "(UKIS and every human-labelled scene are held out whole; "
+                                   "the 0.2 recipe that trained on UKIS rows was removed)")
         for scene in scenes:
-            if scene.human:
-                self.human.append(scene)
-                continue
             variants = [scene]
             if scene.name in fine:  # the 10 m image this 30 m scene was averaged from
                 f = CSMASK_FACTOR
@@ -557,14 +503,10 @@ class TileSampler:
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
         for _ in range(n):
-            clouds = False
-            if self.human and (not self.teacher or self.rng.random() < self.human_share):
-                scene = self.human[int(self.rng.integers(len(self.human)))]
-            else:
-                index = int(self.rng.choice(len(self.teacher), p=self.teacher_p))
-                scene = self.teacher[index]
-                clouds = (self.synthetic is not None and not self.teacher_cloudy[index]
-                          and self.rng.random() < self.synthetic_p)
+            index = int(self.rng.choice(len(self.teacher), p=self.teacher_p))
+            scene = self.teacher[index]
+            clouds = (self.synthetic is not None and not self.teacher_cloudy[index]
+                      and self.rng.random() < self.synthetic_p)
             x, y = self.tile_from(scene, clouds)
             xs.append(x)
             ys.append(y)

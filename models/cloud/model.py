@@ -10,7 +10,7 @@ CPU cores:
 The context is brought back up with nearest-neighbour resizes, to full resolution too, and added
 to the per-pixel features, which keep the edges sharp. Nearest rather than bilinear for the last
 4x resize: it is a copy that OpenVINO runs in INT8, where a bilinear resize at full resolution
-stays in f32 and took 40 % of the INT8 model's time (measured, compile/REPORT.md). Only Conv,
+stays in f32 and took 40 % of the INT8 model's time (measured, compile/README.md). Only Conv,
 ReLU, Add, Concat, Resize and AveragePool are used, so the graph exports to ONNX opset 17 and
 quantises to INT8 (QDQ) cleanly; ``onboard compile`` (``onboard.compile.export``) is the one
 exporter. Input: TOA reflectance (DN x 1e-4 for Sentinel-2 L1C), height

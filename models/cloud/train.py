@@ -1,13 +1,16 @@
 """Train the cloud model: ``python -m onboard.models.cloud.train --bands 4|6``.
 
-Version 0.3 on (``--recipe distill``): ukis-csmask teacher labels (clear, cloud, shadow) on the
-13-band scene and the training OSCD cities; no human-labelled pixel (UKIS is held out whole).
-4-band 0.4 takes the teacher's argmax everywhere (``--confidence 0``, now the default; 0.3 kept
-only pixels it was 0.6 sure of), otherwise 0.3's recipe (``--augment gain --steps 600``).
-``--synthetic P`` composites synthetic clouds onto clear tiles (measured, not shipped: card.md).
-Version 0.2 (``--recipe human``): UKIS training rows and s2cloudless labels mixed 3 tiles to 1;
-teacher labels saying only cloud / not cloud use the likelihood of "clear or shadow" (the two
-classes' probabilities summed).
+Version 0.3 on (distillation, the only recipe): ukis-csmask teacher labels (clear, cloud,
+shadow) on the 13-band scene and the training OSCD cities; no human-labelled pixel (UKIS is held
+out whole, and :class:`dataset.TileSampler` refuses it). 4-band 0.4 takes the teacher's argmax
+everywhere (``--confidence 0``, now the default; 0.3 kept only pixels it was 0.6 sure of),
+otherwise 0.3's recipe (``--augment gain --steps 600``). ``--synthetic P`` composites synthetic
+clouds onto clear tiles (measured, not shipped: card.md). Teacher labels saying only cloud / not
+cloud use the likelihood of "clear or shadow" (the two classes' probabilities summed).
+
+Version 0.2's recipe (``--recipe human``: UKIS training rows and s2cloudless labels mixed 3
+tiles to 1; ``--tune-rows`` and ``calibrate.py`` for its operating point on further UKIS rows)
+was removed once the UKIS scene became a whole held-out test scene; it is in commit 6ac93e9.
 """
 
 from __future__ import annotations
@@ -52,18 +55,15 @@ def loss(logits: torch.Tensor, labels: torch.Tensor,
 
 def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
           root: Path | None, out: Path, log_every: int = 50, cloud_weight: float | None = None,
-          human_share: float = 0.75, tune_rows: int = 0, threads: int = 1,
-          upsample: str = "nearest", width: int = 24, recipe: str = "distill",
+          threads: int = 1, upsample: str = "nearest", width: int = 24,
           augment: str = "sensor-nohaze", agree_s2cloudless: bool = False,
           synthetic_p: float = 0.0, cloud_alpha: float = 0.35,
           confidence: float = dataset.DISTILL_CONFIDENCE) -> torch.nn.Module:
     """Train and save a state_dict to ``out``.
 
-    ``recipe`` "distill" (version 0.3): ukis-csmask teacher labels on the 13-band scene and
-    the training OSCD cities, no human-labelled pixel (UKIS is held out whole). "human" (0.2):
-    UKIS training rows and s2cloudless labels; ``tune_rows`` > 0 then also keeps the first
-    ``tune_rows`` training rows of UKIS out as an inner validation. ``augment`` "sensor" adds
-    :class:`dataset.SensorAugment`; "gain" keeps 0.2's random gains only.
+    Distillation (version 0.3 on): ukis-csmask teacher labels on the 13-band scene and the
+    training OSCD cities, no human-labelled pixel (UKIS is held out whole). ``augment``
+    "sensor" adds :class:`dataset.SensorAugment`; "gain" keeps 0.2's random gains only.
     ``agree_s2cloudless`` ignores 13-band pixels where s2cloudless disagrees with the teacher.
     ``synthetic_p`` > 0 composites synthetic clouds and shadows (:mod:`synthetic`, spectra from
     the 13-band scene's thick clouds) onto that share of the tiles drawn from clear scenes.
@@ -72,17 +72,10 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
     np.random.seed(seed)
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    fine = None
-    if recipe == "distill":
-        scenes = dataset.distillation_scenes(root, confidence)
-        fine = dataset.fine_images(root)
-        if agree_s2cloudless:
-            scenes[0] = dataset.with_s2cloudless_agreement(scenes[0], root)
-    else:
-        scenes = dataset.training_scenes(root)
-        if tune_rows:
-            ukis = scenes[0]
-            scenes[0] = dataset.split_rows(ukis, tune_rows, ukis.labels.shape[0])
+    scenes = dataset.distillation_scenes(root, confidence)
+    fine = dataset.fine_images(root)
+    if agree_s2cloudless:
+        scenes[0] = dataset.with_s2cloudless_agreement(scenes[0], root)
     aug = {"sensor": dataset.SensorAugment(), "sensor-nohaze": dataset.SensorAugment(haze_p=0.0),
            "gain": dataset.SensorAugment.none()}[augment]
     weights = dict(CLASS_WEIGHTS)
@@ -94,11 +87,10 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
 
         clouds = SyntheticClouds.from_scene(dataset.s2cloudless_distilled(root), seed=seed,
                                             cloud_alpha=cloud_alpha)
-    sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed, human_share=human_share,
-                                  augment=aug, fine=fine, synthetic=clouds,
-                                  synthetic_p=synthetic_p)
-    print(f"data: {len(sampler.human)} human + {len(sampler.teacher)} teacher scenes "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed, augment=aug, fine=fine,
+                                  synthetic=clouds, synthetic_p=synthetic_p)
+    print(f"data: {len(sampler.teacher)} teacher scenes ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
     model = build(bands, upsample=upsample, width=width)
     print(f"model: {count_parameters(model)} parameters, {bands} bands", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -138,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="ONBOARD_DATA folder")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cloud-weight", type=float, default=None)
-    parser.add_argument("--human-share", type=float, default=0.75)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
-    parser.add_argument("--recipe", choices=("distill", "human"), default="distill")
     parser.add_argument("--augment", choices=("sensor", "sensor-nohaze", "gain"),
                         default="sensor-nohaze")
     parser.add_argument("--agree-s2cloudless", action="store_true",
@@ -155,27 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the context's last 4x resize (bilinear: the first weights)")
     parser.add_argument("--width", type=int, default=24,
                         help="channels at full and 1/4 resolution (x1.5 at 1/8, x2 at 1/16)")
-    parser.add_argument("--tune-rows", type=int, default=0,
-                        help="keep this many UKIS training rows out and report on them "
-                             "(for choosing settings; the held-out rows are not looked at)")
     args = parser.parse_args(argv)
     out = args.out or weights_path(args.bands)
-    model = train(args.bands, args.steps, args.batch, args.tile, args.lr, args.seed,
-                  args.data, out, cloud_weight=args.cloud_weight,
-                  human_share=args.human_share, tune_rows=args.tune_rows,
-                  threads=args.threads, upsample=args.upsample, width=args.width,
-                  recipe=args.recipe, augment=args.augment,
-                  agree_s2cloudless=args.agree_s2cloudless, synthetic_p=args.synthetic,
-                  cloud_alpha=args.cloud_alpha, confidence=args.confidence)
-    from onboard.models.cloud.evaluate import predict_torch
-    from onboard.models.cloud.metrics import scores
-
-    if args.tune_rows:
-        ukis = dataset.ukis_scene(args.data)
-        pred = predict_torch(model, ukis.image[: args.bands])
-        rows = slice(dataset.UKIS_HELDOUT_ROWS, dataset.UKIS_HELDOUT_ROWS + args.tune_rows)
-        print("inner validation:", scores(pred[rows], ukis.labels[rows]), flush=True)
-        return 0
+    train(args.bands, args.steps, args.batch, args.tile, args.lr, args.seed, args.data, out,
+          cloud_weight=args.cloud_weight, threads=args.threads, upsample=args.upsample,
+          width=args.width, augment=args.augment,
+          agree_s2cloudless=args.agree_s2cloudless, synthetic_p=args.synthetic,
+          cloud_alpha=args.cloud_alpha, confidence=args.confidence)
     # No held-out score here: the held-out scenes are scored once, by evaluate.py.
     return 0
 

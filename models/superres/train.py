@@ -17,16 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from onboard.models.data import default_data_root
 from onboard.models.superres import dataset
 from onboard.models.superres.model import build_sharpen, build_x2, count_parameters
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS = {"x2": HERE / "weights_x2.pt", "sharpen": HERE / "weights_sharpen.pt"}
 PATCH = {"x2": 48, "sharpen": 64}  # input pixels: the ×2 target is twice that
-
-
-def default_root() -> Path:
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def train(task: str, minutes: float, root: Path, out: Path, batch: int = 16, lr: float = 1e-3,
@@ -95,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("task", choices=["x2", "sharpen"])
     parser.add_argument("--minutes", type=float, default=14.0)
-    parser.add_argument("--root", type=Path, default=default_root())
+    parser.add_argument("--root", type=Path, default=default_data_root())
     parser.add_argument("--out", type=Path)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)

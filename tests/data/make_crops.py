@@ -9,19 +9,19 @@ files are rewritten tiled and zstd-compressed by onboard's own product writer.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from onboard.models.data import default_data_root
 from onboard.runtime.downlink.products import write_geotiff
 from onboard.runtime.sources.geotiff import GeoTiffScene
 from onboard.runtime.sources.oscd import OscdScene
 from onboard.runtime.windows import Window
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("ONBOARD_DATA", ROOT.parent / "shared" / "data"))
+DATA = default_data_root()
 
 ATTRIBUTION = """Contains modified Copernicus Sentinel data {years}, processed by ESA.
 Cropped from the Onera Satellite Change Detection dataset (OSCD; Caye Daudt, Le Saux, Boulch,
