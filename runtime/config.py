@@ -15,6 +15,8 @@ import dataclasses
 import sys
 import types
 import typing
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,6 +86,24 @@ def sections() -> dict[str, Section]:
     return dict(_SECTIONS)
 
 
+class ConfigWarning(UserWarning):
+    """A config that loads but likely does not do what its author meant (a stage without the
+    one that should feed it, ...). Not an :class:`~onboard.runtime.errors.OnboardError`: the
+    run goes on; the pipeline also records each one in telemetry (``config_warning``)."""
+
+
+# Checks across sections: each takes the loaded config and returns warnings (plain sentences).
+_CHECKS: list[Callable[[Config], list[str]]] = []
+
+
+def register_check(check: Callable[[Config], list[str]]) -> Callable[[Config], list[str]]:
+    """Run ``check`` on every loaded config; what it returns becomes :attr:`Config.warnings`
+    and a :class:`ConfigWarning` at load."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
+    return check
+
+
 @dataclass(frozen=True)
 class Config:
     """A loaded config: each present section as its dataclass (a tuple of them for lists)."""
@@ -96,6 +116,11 @@ class Config:
 
     def __contains__(self, name: str) -> bool:
         return name in self.values
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the registered checks (:func:`register_check`) find in this config."""
+        return [message for check in _CHECKS for message in check(self)]
 
     def section(self, name: str) -> Any:
         """The section's dataclass; its defaults when the file does not have it."""
@@ -148,7 +173,10 @@ def config_from_dict(data: dict[str, Any], base: Path = Path("."), where: str = 
             if not isinstance(value, dict):
                 raise ConfigError(f"{label}: expected a table ([{name}]), got {value!r}")
             values[name] = build(spec.cls, value, label, base)
-    return Config(path, values)
+    config = Config(path, values)
+    for message in config.warnings:
+        warnings.warn(f"{where}: {message}", ConfigWarning, stacklevel=2)
+    return config
 
 
 def build(cls: type, data: dict[str, Any], where: str, base: Path) -> Any:

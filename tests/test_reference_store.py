@@ -79,6 +79,33 @@ def test_keys_do_not_move_when_the_pixel_grid_shifts_by_a_few_pixels(tmp_path, s
     assert np.array_equal(half.gx, reference.gx + 1)
 
 
+@pytest.mark.parametrize(("phase", "shift", "offset"), [
+    (16, -2, -2), (16, 15, 15), (16, 17, -15), (1, -2, 30), (1, 2, 2), (31, 2, -30)])
+def test_cells_keyed_to_one_place_lie_up_to_almost_a_cell_apart(tmp_path, phase, shift, offset):
+    """What a key compares (the module docstring's bound): pass 1's cell centres sit ``phase``
+    px into their places, pass 2 is the same grid ``shift`` px east. A place's key is a
+    function of the ground alone, but the cells two passes put on it are ``shift`` mod 32 px
+    apart, as r or r − 32: with centres mid-place at most half a cell; with centres 1 px inside
+    a place's edge, a 2 px shift pairs cells 30 px apart."""
+    store = _store(tmp_path / "s")
+    first = _utm_frame(1000, 7000, (phase - 16, 0))
+    second = _utm_frame(1000, 7000, (phase - 16 + shift, 0))
+    cols, rows = _cells(4, 12)
+    a, b = store.keys(first, cols, rows), store.keys(second, cols, rows)
+    # The same ground has the same key whichever pass keys it.
+    same_ground = store.keys(first, cols + shift, rows)
+    assert np.array_equal(b.packed(), same_ground.packed())
+    # Pair the cells of each place both passes keyed; their ground distance in pixels.
+    where = {key: i for i, key in enumerate(a.packed().tolist())}
+    pairs = [(where[key], j) for j, key in enumerate(b.packed().tolist()) if key in where]
+    assert len(pairs) >= 4 * 11
+    x1 = first.transform.c + 10.0 * cols
+    x2 = second.transform.c + 10.0 * cols
+    offsets = {round((x2[j] - x1[i]) / 10.0, 6) for i, j in pairs}
+    assert offsets == {offset}
+    assert abs(offset) < 32 and (offset - shift) % 32 == 0
+
+
 def test_the_two_native_grids_of_hongkong_share_their_places(sample_pass, tmp_path):
     """Hongkong's second date is 693 × 538 px at a 0.4 % coarser pixel than the first's
     695 × 540: the same places, without resampling."""
@@ -295,6 +322,36 @@ def test_a_commit_larger_than_the_budget_keeps_what_fits(tmp_path):
     assert result.evicted_places > 0
     assert store.nbytes <= store.budget_bytes
     assert 0 < store.lookup(keys).known.sum() == store.places < 1024
+
+
+def test_the_shipped_store_figures(tmp_path):
+    """The figures README, the model card and the module docstring give for the shipped change
+    bundles at the stage's default K: 402 bytes per place and 3.93 GB for 1000 × 1000 km."""
+    from onboard.runtime.bundle import Bundle
+    from onboard.runtime.stages.change import ChangeConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    k = ChangeConfig(bundle=Path("unused.onboard")).k
+    dims = {Bundle.open(p).manifest.output.channels
+            for p in sorted((repo / "models" / "change").glob("change-*.onboard"))}
+    assert (dims, k) == ({128}, 3)
+    assert bytes_per_place(128, 3) == 2 + 4 + 3 * (128 + 4) == 402
+    area = bytes_for_area(1000, 1000, dim=128, k=3)
+    assert round(area / 1e9, 2) == 3.93
+    assert 9_765_625 * 402 < area < 9_765_625 * 402 * 1.001  # (10⁶ m / 320 m)² places
+    assert round(bytes_for_area(1000, 1000, dim=128, k=1) / 1e9, 2) == 1.35
+    # What a store of the shipped layout measures on disk, per place, beside the formula.
+    store = _store(tmp_path / "s", dim=128, k=3)
+    _commit(store, "a", _utm_frame(1000, 7000), 64, 64, seed=1, when=T0)
+    stats = store.stats()
+    assert stats["places"] == 4096 and stats["bytes_per_place"] == 402
+    assert 402 <= stats["bytes_per_place_measured"] < 403
+    texts = {name: (repo / name).read_text(encoding="utf-8")
+             for name in ("README.md", "models/change/card.md")}
+    for name, text in texts.items():
+        assert "402 B per place" in text and "3.93 GB" in text, name
+    docstring = (repo / "runtime" / "store" / "reference.py").read_text(encoding="utf-8")
+    assert "402 bytes per place" in docstring and "3.93 GB at D = 128, K = 3" in docstring
 
 
 def test_bytes_per_place_and_a_1000_km_area_of_interest(tmp_path):

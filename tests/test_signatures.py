@@ -40,7 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_KEY = REPO / "keys" / "onboard-test.ed25519"
 TEST_PUBLIC = REPO / "runtime" / "sample" / "keys" / "onboard-test.ed25519.pub"
 TEST_KEY_ID = "223ad9949f275860"
-SHIPPED = sorted((REPO / "models" / "cloud").glob("*.onboard"))
+# Every bundle the repository ships: cloud, change and super-resolution.
+SHIPPED = sorted(p for kind in ("cloud", "change", "superres")
+                 for p in (REPO / "models" / kind).glob("*.onboard"))
 PRIMARY = REPO / "models" / "cloud" / "cloud-4band-int8-ort.onboard"
 GOLDEN = REPO / "models" / "cloud" / "cloud-4band-fp32-ort.onboard"
 

@@ -10,7 +10,10 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+from typing import TextIO
 
 from onboard.runtime.errors import OnboardError
 
@@ -55,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_printer(command: str, fallback: Callable[..., None]) -> Callable[..., None]:
+    """Show a config warning as one line, ``onboard COMMAND: warning: ...``; any other warning
+    as Python would."""
+    from onboard.runtime.config import ConfigWarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        if issubclass(category, ConfigWarning):
+            print(f"onboard {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -62,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
+            return int(importlib.import_module(args._module).run(args) or 0)
     except OnboardError as error:
         print(f"onboard {args.command}: error: {error}", file=sys.stderr)
         return 1

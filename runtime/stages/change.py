@@ -19,7 +19,9 @@ is the largest over its sub-cells. Per tile:
   minimum distance over the place's references (RaVAEn's memory variant).
 - Only clear cells are scored and become references: at least ``min_clear_fraction`` of their
   pixels clear in the cloud stage's layer (``work.layers["cloud"]``; without a cloud stage, valid
-  pixels count as clear). A clear cell whose place has no reference is new: it has no score.
+  pixels count as clear, and a config with ``[change]`` but no ``[cloud]`` warns at load and in
+  telemetry, ``config_warning``). A clear cell whose place has no reference is new: it has no
+  score.
 - The tile's ``change`` is the **maximum** over its scored cells (a tile is worth its downlink
   when any part of it changed), absent when no cell is scored; ``change_cells`` and
   ``change_new_cells`` count scored and new cells. ``work.layers["change"]`` is the score per
@@ -43,11 +45,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from onboard.runtime.bundle import Manifest
-from onboard.runtime.config import EngineConfig
+from onboard.runtime.config import Config, EngineConfig, register_check
 from onboard.runtime.engines import open_engine
 from onboard.runtime.engines.base import Engine
 from onboard.runtime.errors import ConfigError, GeoreferenceError, StorageError
-from onboard.runtime.georef import CRS, Affine, Georef
+from onboard.runtime.georef import Georef
 from onboard.runtime.scores import Decision, TileScore
 from onboard.runtime.stages.base import StageContext, TileWork, register_stage
 from onboard.runtime.store.reference import CellKeys, ReferenceStore
@@ -148,10 +150,16 @@ class ChangeParams:
 
 @dataclass
 class CellResult:
-    """What the stage found in one tile's cells (for ``onboard predict --reference``)."""
+    """What the stage found in one tile's cells (for ``onboard predict --reference``): the
+    core's ``rows`` × ``cols`` whole cells, row by row, the first at pixel (``row_off``,
+    ``col_off``) of the acquisition (the core's corner, ``TileScore.window``)."""
 
     keys: CellKeys
     scores: np.ndarray  # float32 (n,), NaN where not scored
+    row_off: int = 0
+    col_off: int = 0
+    rows: int = 0
+    cols: int = 0
 
 
 @dataclass
@@ -332,14 +340,17 @@ class ChangeStage:
             memory = self.store.lookup(keys, exclude_scene=acquisition)
         except StorageError as error:
             # A damaged segment must not silence change detection over its region for good:
-            # its places count as new, and the next commit writes the region afresh.
-            for i in range(n):
-                self.store.forget_damaged(self.store.region_of(keys, i))
-            if self.telemetry is not None:
-                self.telemetry.emit("reference_damaged", tile=work.score.tile_id,
-                                    error=type(error).__name__, message=str(error))
-            work.score.reasons.append(f"change: reference store damaged ({error}); cells "
-                                      f"counted as new")
+            # its places count as new, and the next commit writes the region afresh. Only the
+            # regions whose segments cannot be read are forgotten; the tile's other regions
+            # keep their references.
+            damaged = self.store.forget_unreadable(keys) or [error]
+            for each in damaged:
+                if self.telemetry is not None:
+                    self.telemetry.emit("reference_damaged", tile=work.score.tile_id,
+                                        file=getattr(each, "path", None),
+                                        error=type(each).__name__, message=str(each))
+                work.score.reasons.append(f"change: reference store damaged ({each}); its "
+                                          f"cells counted as new")
             memory = self.store.lookup(keys, exclude_scene=acquisition)
         scored = clear & memory.known
         scores = np.full(n, np.nan, np.float32)
@@ -364,7 +375,8 @@ class ChangeStage:
             work.score.reasons.append("change: no clear cell to score")
         self.store.stage(acquisition, work.frame.acquired, keys, codes, clear)
         if self.collect is not None:
-            self.collect.append(CellResult(keys, scores))
+            self.collect.append(CellResult(keys, scores, work.score.window[0],
+                                           work.score.window[1], plan.rows, plan.cols))
 
     # -- the end of an acquisition ---------------------------------------------------------------
 
@@ -434,19 +446,35 @@ def change_stage(engine: Engine, store_path: Path, *, k: int = 3,
 
 register_stage("change", ChangeConfig, build_change_stage, order=20)
 
+NO_CLOUD_WARNING = ("[change] without [cloud]: there is no cloud mask, so every cell with "
+                    "enough valid pixels counts as clear, is scored and becomes a reference "
+                    "(clouds, haze and shadows included); add a [cloud] stage")
+
+
+def _check_change_has_cloud(config: Config) -> list[str]:
+    """Only clear cells should become references, and only the cloud stage says what is
+    clear."""
+    return [NO_CLOUD_WARNING] if "change" in config and "cloud" not in config else []
+
+
+register_check(_check_change_has_cloud)
+
 
 # -- onboard predict BUNDLE --reference DATE1 INPUT ----------------------------------------------
 
 
 @dataclass
 class ChangeRaster:
-    """Change score per place of the store's grid over a scene: float32 (rows, cols), NaN where
-    a place has no score, north up, one pixel per cell."""
+    """Change score per whole cell of the input (the bundle's ``cell_size``, 32 px, counted
+    from the input's top-left pixel): float32 (rows, cols), NaN where a cell has no score,
+    georeferenced on the input's own cell grid (its transform with 32 times larger pixels). On
+    the input's grid each cell keeps its own score, even where two cells fall on one place of
+    the store."""
 
     scores: np.ndarray
     georef: Georef
-    scored: int  # places with a score
-    unscored: int  # places of the input without one (new, cloudy or partial)
+    scored: int  # cells with a score
+    unscored: int  # whole cells of the input without one (see :func:`change_raster`)
 
 
 def change_raster(engine: Engine, reference: Any, scene: Any, *, tile: int = 256,
@@ -455,10 +483,17 @@ def change_raster(engine: Engine, reference: Any, scene: Any, *, tile: int = 256
                   progress: Callable[[str, int, int], None] | None = None) -> ChangeRaster:
     """Score ``scene`` against ``reference`` (two :class:`~onboard.runtime.sources.base.Scene`
     objects): the reference's clear cells are committed to a store (a temporary one unless
-    ``store_path``), then the scene's cells are scored against it. Without a cloud stage, a
-    cell is clear when ``min_clear_fraction`` of its pixels are valid. Windows of ``tile``
-    pixels with no halo by default: each window encoded on its own, as the change model is
-    evaluated."""
+    ``store_path``), then the scene's cells are scored against it. There is no cloud stage
+    here: a cell is clear when ``min_clear_fraction`` of its pixels are valid, so a cell has
+    no score when its place holds no valid reference cell (the reference does not cover it, or
+    has too many invalid pixels there) or when too many of its own pixels are invalid. Windows
+    of ``tile`` pixels with no halo by default: each window encoded on its own, as the change
+    model is evaluated."""
+    for which, current in (("the reference", reference), ("the input", scene)):
+        if current.georef is None or current.georef.crs is None:
+            raise GeoreferenceError(getattr(current, "source_id", None),
+                                    f"{which} has no georeferencing (CRS and transform): its "
+                                    f"cells have no place to compare with")
     folder = Path(store_path) if store_path else Path(tempfile.mkdtemp(prefix="onboard-ref-"))
     try:
         stage = change_stage(engine, folder, k=1, min_clear_fraction=min_clear_fraction)
@@ -482,41 +517,35 @@ def change_raster(engine: Engine, reference: Any, scene: Any, *, tile: int = 256
                 if progress is not None:
                     progress(acquisition, min(start + batch, len(placements)), len(placements))
             stage.end_acquisition(acquisition)
-        cells = stage.collect or []
-        return _raster(stage.store, cells)
+        return _raster(scene, stage.cell, stage.collect or [])
     finally:
         if store_path is None:
             with contextlib.suppress(OSError):
                 shutil.rmtree(folder)
 
 
-def _raster(store: ReferenceStore, cells: list[CellResult]) -> ChangeRaster:
-    if not cells:
-        raise GeoreferenceError(None, "no cell of the input could be placed on the reference's "
-                                      "grid")
-    grid_ids = np.concatenate([c.keys.grid for c in cells])
-    gx = np.concatenate([c.keys.gx for c in cells])
-    gy = np.concatenate([c.keys.gy for c in cells])
-    scores = np.concatenate([c.scores for c in cells])
-    # The input has one resolution, so one grid; the most common one wins if not.
-    grid_id = int(np.bincount(grid_ids).argmax())
-    on = grid_ids == grid_id
-    gx, gy, scores = gx[on], gy[on], scores[on]
-    grid = store.grids[grid_id]
-    x0, y1 = int(gx.min()), int(gy.max())
-    out = np.full((y1 - int(gy.min()) + 1, int(gx.max()) - x0 + 1), np.nan, np.float32)
-    out[y1 - gy, gx - x0] = scores
-    crs = CRS.from_epsg(int(grid.crs[5:])) if grid.crs.startswith("EPSG:") else None
-    transform = Affine(grid.cell_x, 0.0, x0 * grid.cell_x, 0.0, -grid.cell_y,
-                       (y1 + 1) * grid.cell_y)
-    return ChangeRaster(out, Georef(crs, transform), int(np.isfinite(scores).sum()),
-                        int(np.isnan(scores).sum()))
+def _raster(scene: Any, cell: int, cells: list[CellResult]) -> ChangeRaster:
+    """The scores of ``cells`` on ``scene``'s own grid of whole ``cell``-px cells."""
+    rows, cols = scene.height // cell, scene.width // cell
+    if not rows or not cols:
+        raise GeoreferenceError(getattr(scene, "source_id", None),
+                                f"the input ({scene.height} × {scene.width} px) holds no whole "
+                                f"{cell} × {cell} cell")
+    out = np.full((rows, cols), np.nan, np.float32)
+    for result in cells:
+        r0, c0 = result.row_off // cell, result.col_off // cell
+        out[r0:r0 + result.rows, c0:c0 + result.cols] = \
+            result.scores.reshape(result.rows, result.cols)
+    georef = Georef(scene.georef.crs, scene.georef.transform.scaled(1.0 / cell))
+    scored = int(np.isfinite(out).sum())
+    return ChangeRaster(out, georef, scored, out.size - scored)
 
 
 def predict(args: Any) -> int:
     """``onboard predict CHANGE_BUNDLE --reference DATE1 INPUT --out SCORES.tif``: the change
-    score of every 32-px cell of INPUT against the clear cells of DATE1, one float32 pixel per
-    cell on the store's grid (NaN: no score), with a PNG quick-look beside it.
+    score of every 32-px cell of INPUT against the cells of DATE1, one float32 pixel per cell
+    on INPUT's own cell grid (NaN: no score), with a PNG quick-look beside it. There is no cloud
+    masking: a cell counts as clear when enough of its pixels are valid.
 
     DATE1 and INPUT are GeoTIFFs (``--bands`` names their bands) or OSCD-style band folders;
     two band folders are read on DATE1's 10 m grid, as the pipeline reads an OSCD pair.
@@ -564,7 +593,9 @@ def predict(args: Any) -> int:
                   extra={"bundle": engine.manifest.name,
                          "bundle_version": engine.manifest.version,
                          "bundle_sha256": engine.bundle.sha256, "reference": str(args.reference),
-                         "nodata": "NaN: no score (new place, cloudy or partial cell)",
+                         "nodata": "NaN: no score (the reference has no valid cell at "
+                                   "this place, or too few of the cell's own pixels are "
+                                   "valid; no cloud masking)",
                          "cell_px": raster_cell_px(engine)})
     summary: dict[str, Any] = {"out": str(args.out), "cells_scored": raster.scored,
                                "cells_without_score": raster.unscored}

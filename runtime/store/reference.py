@@ -24,9 +24,18 @@ UTM): every 1 / mismatch cells along an axis, two cells fall on one place (the o
 nearer keeps the reference, both are compared with it) or a place is stepped over. Over the
 OSCD frames 0.62 % of cells share a place with another (format 1's grids in one store: 1.03 %).
 
-The compared content of a key is offset by the frames' grid shift modulo the cell edge: none for
-passes on one pixel grid (Sentinel-2 L1C tiles of one MGRS square), at most half a cell
-otherwise.
+*What a key compares.* A place's key is a function of the ground alone, but the frame's cells
+are not aligned to the places, so the cells two passes put on one place are not the same
+ground. Each has its centre inside the place, so their offset is less than one place edge (32
+canonical pixels) per axis, and no better than that in general: it is the frames' grid shift
+``s`` along the axis modulo the cell edge, as ``r`` or ``r - cell`` (``r = s mod cell``)
+depending on where the cells' centres fall in their places. With cell centres mid-place it is
+at most half a cell; with centres 1 px inside a place's western edge, a second pass shifted
+2 px west keys each cell to the neighbouring place, whose earlier cell lies 30 px (of 32)
+away, and the same ground then scores as change. Passes on one pixel grid whose cells start on
+the same pixels (Sentinel-2 L1C tiles of one MGRS square, tiled from the same origin) compare
+the same ground. Tested in ``tests/test_reference_store.py`` (the keys) and
+``tests/test_change_predict.py`` (the scores).
 
 **What a place holds.** Up to K (default 3) references, newest acquisition first: the int8 code
 ``clip(round(z / latent_scale), -127, 127)`` of its latent and the commit it came from (which
@@ -514,6 +523,23 @@ class ReferenceStore:
         next commit that touches it writes it afresh (the damaged file is then removed)."""
         self._damaged.add(region)
         self._cache.pop(region, None)
+
+    def forget_unreadable(self, keys: CellKeys) -> list[StorageError]:
+        """Read the segment of every region ``keys`` touch, and forget (:meth:`forget_damaged`)
+        those that cannot be read: damaged, truncated or missing. Returns their errors, each
+        naming its file; the regions that read back keep their references."""
+        errors: list[StorageError] = []
+        if not len(keys):
+            return errors
+        regions, _ = _regions_and_locals(keys.grid, keys.gx, keys.gy)
+        for packed in np.unique(regions):
+            region = _region_of(int(packed))
+            try:
+                self._segment(region)
+            except StorageError as error:
+                self.forget_damaged(region)
+                errors.append(error)
+        return errors
 
     def region_of(self, keys: CellKeys, index: int) -> Region:
         regions, _ = _regions_and_locals(keys.grid[index:index + 1], keys.gx[index:index + 1],
