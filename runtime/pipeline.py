@@ -49,7 +49,7 @@ from onboard.runtime.downlink.planner import (
     plan,
     repack,
 )
-from onboard.runtime.downlink.products import product_id
+from onboard.runtime.downlink.products import product_id, superres_band_names
 from onboard.runtime.durability import (
     deferred_folder_sync,
     remove_partials,
@@ -271,6 +271,9 @@ class Pipeline:
         if not self.specs:
             raise ConfigError(f"{config.path or 'config'}: no stage is configured; known: "
                               f"{[s.name for s in registered_stages()]}")
+        for message in config.warnings:  # each was a ConfigWarning when the config loaded
+            telemetry.emit("config_warning", config=str(config.path or "config"),
+                           message=message)
         # Every bundle a stage opens must be signed by a key the config trusts.
         self.trust = TrustPolicy.from_config(config.section("signatures"))
         self.stages: list[Stage] = []
@@ -682,6 +685,12 @@ class PassRunner:
             from onboard.runtime.stages.superres import LazySuperResolver
 
             self.superres = LazySuperResolver(config.section("superres"), self.telemetry)
+            # Planned at what the bundle makes (its manifest, read now; the engine waits for
+            # the first superres product): a [products] section stating other bands or another
+            # scale factor is refused here, before anything is scored.
+            superres_output = self.superres.output
+            superres_output.check(self.products_config, str(config.path or "config"))
+            self.maker = ProductMaker(self.products_config, superres=superres_output)
         self.queue = DownlinkQueue(out / "queue.sqlite")
         self.windows = sorted(config.section("passes"), key=lambda w: as_utc(w.start))
         self.pipeline = Pipeline(config, self.telemetry, out / "state", progress)
@@ -784,7 +793,8 @@ class PassRunner:
                     continue
                 names = tuple(pooled.layers) if kind == "mask" else (
                     self.products_config.thumbnail_bands if kind == "thumbnail" else
-                    self.products_config.superres_bands if kind == "superres" else bands)
+                    superres_band_names(self.maker.superres, bands) if kind == "superres"
+                    else bands)
                 # Planned as what it spends of the pass: with the link's own overhead.
                 sizes[kind] = link_cost(self.transmitter, self.maker.sizes.estimate(
                     kind, (h, w), list(names), self.products_config.thumbnail_scale))

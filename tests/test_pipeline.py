@@ -353,27 +353,97 @@ def test_the_run_can_downlink_over_cfdp_with_losses(tmp_path):
         assert file_sha256(store / stored_name(item.id)) == item.sha256
 
 
-def test_superres_products_are_made_only_for_chosen_tiles(tmp_path):
-    """With ×2 super-resolution among the product kinds, the planner may choose it; the model
-    then runs only for those tiles and the product is the ×2 bands, georeferenced at 5 m."""
-    sr = REPO / "models" / "superres" / "superres-x2-int8-ort.onboard"
-    if not sr.exists():
-        pytest.skip(f"{sr} is not built")
+def _superres_pass(tmp_path: Path, task: str, duration_s: float, products: str = ""
+                   ) -> tuple[Any, list[list[dict[str, Any]]]]:
+    """The sample in 64-pixel tiles with the shipped INT8 ``task`` bundle as the superres
+    bundle, a contact window after each date (``duration_s`` at 80 kbit/s); the run and the
+    rows of each pass's plan file."""
+    sr = REPO / "models" / "superres" / f"superres-{task}-int8-ort.onboard"
+    passes = "".join(f"[[passes]]\nstart = {day}T12:00:00Z\nduration_s = {duration_s}\n"
+                     "bitrate_bps = 80000\n" for day in ("2016-09-27", "2018-03-23"))
     body = ("[tiling]\ntile = 64\n"
-            "[products]\nkinds = ['thumbnail', 'full', 'superres']\n"
+            "[products]\nkinds = ['thumbnail', 'full', 'superres']\n" + products +
             f"[superres]\nbundle = '{sr}'\nthreads = 1\n"
-            "[planner]\nutility = {thumbnail = 0.05, full = 1.0, superres = 3.0}\n")
+            "[planner]\nutility = {thumbnail = 0.05, full = 1.0, superres = 3.0}\n" + passes)
     result = pipeline.run(_config(tmp_path, body), tmp_path / "out")
-    rows = [json.loads(line) for line in (tmp_path / "out" / "plan-0.jsonl")
-            .read_text().splitlines()]
-    chosen = [r for r in rows if r["chosen"] is not None and r["kind"] == "superres"]
-    assert chosen and result.summary["plan"]["chosen"] >= len(chosen)
-    path = tmp_path / "out" / "products" / f"{chosen[0]['product_id']}.tif"
+    plans = [[json.loads(line) for line in (tmp_path / "out" / f"plan-{i}.jsonl")
+              .read_text().splitlines()] for i in (0, 1)]
+    return result, plans
+
+
+def _onboard_tags(path: Path) -> dict[str, Any]:
+    """What onboard wrote into a product GeoTIFF's description."""
+    with tifffile.TiffFile(path) as tif:
+        return json.loads(tif.pages[0].description)["onboard"]
+
+
+def test_superres_products_are_made_only_for_chosen_tiles(tmp_path):
+    """With ×2 super-resolution among the product kinds and passes of 380 kB, room for about
+    six of its 70 kB products, the planner chooses it for some tiles of each date and not the
+    others: a superres file exists for exactly the chosen superres rows of the plan files,
+    fewer than the superres candidates, and some candidates were never made (the model never
+    ran for them: their rows are still estimates). The product is the ×2 bands at 5 m."""
+    result, plans = _superres_pass(tmp_path, "x2", 40)
+    products = tmp_path / "out" / "products"
+    rows = [r for plan in plans for r in plan if r["kind"] == "superres"]
+    chosen = [r for r in rows if r["chosen"] is not None]
+    assert {p.stem for p in products.glob("*-superres.tif")} == {r["product_id"] for r in chosen}
+    assert 0 < len(chosen) < len(rows)
+    for plan in plans:
+        candidates = [r for r in plan if r["kind"] == "superres"]
+        picked = [r for r in candidates if r["chosen"] is not None]
+        assert 0 < len(picked) < len(candidates) == 16  # every tile of the date a candidate
+        assert any(r["estimated"] for r in candidates)  # never made
+        for r in picked:  # at their real size, the file's
+            assert (products / f"{r['product_id']}.tif").stat().st_size == r["bytes"]
+    assert result.summary["plan"]["chosen_kinds"]["superres"] == len(chosen)
+    path = products / f"{chosen[0]['product_id']}.tif"
     with tifffile.TiffFile(path) as tif:
         pixels = tif.asarray()
     assert pixels.shape[-2:] == (128, 128) or pixels.shape[:2] == (128, 128)
+    assert _onboard_tags(path)["scale_factor"] == 2
     item = json.loads(path.with_suffix(".json").read_text())
     assert item["properties"]["proj:shape"] == [128, 128]
+    assert item["properties"]["onboard:bundles"][-1] == "superres-x2@0.1.0"
+
+
+def test_a_sharpening_bundle_in_a_pass_is_planned_at_what_it_makes(tmp_path):
+    """The shipped sharpening bundle as the superres bundle: its products are its six 20 m
+    bands sharpened onto the tile's own 10 m grid, scale factor 1 as its manifest states (not
+    the ×2 default), and the plan sizes them so. Tolerances: against the mean product the
+    pass made (the plan's rows at real size; what it chose is biased to the smaller ones), the
+    first pass's estimates (the size model's first guess) within 20 %, the second's (learnt
+    from the first's products, under the scene's band names) within 15 %; every product
+    written within 40 % of its pass's estimate. The old estimate, four bands at ×2, was twice
+    the mean product (62.6 kB against 31 kB)."""
+    result, plans = _superres_pass(tmp_path, "sharpen", 20)
+    products = sorted((tmp_path / "out" / "products").glob("*-superres.tif"))
+    assert products
+    for path in products:
+        tags = _onboard_tags(path)
+        assert tags["scale_factor"] == 1 and tags["bundle"] == "superres-sharpen@0.3.0"
+        assert tags["bands"] == ["B05", "B06", "B07", "B8A", "B11", "B12"]
+        with tifffile.TiffFile(path) as tif:
+            assert tif.asarray().shape in ((6, 64, 64), (64, 64, 6))
+        item = json.loads(path.with_suffix(".json").read_text())
+        assert item["properties"]["proj:shape"] == [64, 64]
+        assert item["properties"]["onboard:bundles"] == ["cloud-4band@0.4.0",
+                                                         "superres-sharpen@0.3.0"]
+    for plan, tolerance in zip(plans, (0.20, 0.15), strict=True):
+        rows = [r for r in plan if r["kind"] == "superres"]
+        estimates = {r["bytes"] for r in rows if r["estimated"]}
+        made = [r["bytes"] for r in rows if not r["estimated"]]
+        written = [r["bytes"] for r in rows if r["chosen"] is not None]
+        assert len(estimates) == 1 and written  # every tile 64², so one estimate per pass
+        estimate = estimates.pop()
+        assert abs(estimate / float(np.mean(made)) - 1) < tolerance, (estimate, made)
+        assert all(abs(w / estimate - 1) < 0.4 for w in written), (estimate, written)
+    # A [products] section that says otherwise is refused before anything runs.
+    for i, stated in enumerate(("superres_scale = 2\n",
+                                "superres_bands = ['blue', 'green', 'red', 'nir']\n")):
+        (tmp_path / f"refused{i}").mkdir()
+        with pytest.raises(ConfigError, match="superres_(scale|bands).*superres-sharpen@0.3.0"):
+            _superres_pass(tmp_path / f"refused{i}", "sharpen", 20, stated)
 
 
 def test_superres_among_the_kinds_needs_its_section_and_a_value(tmp_path):

@@ -114,11 +114,29 @@ def _utm_frame(frame):
                        frame.valid)
 
 
-@pytest.mark.parametrize("kind", ["full", "near_lossless", "mask", "thumbnail"])
+def _superres_product(window: Window):
+    """The tile's superres product as a pass makes it: the shipped x2 INT8 bundle over the
+    sample's core with its halo, on the 5 m grid."""
+    from onboard.models.superres.evaluate import bundle_path
+    from onboard.runtime.downlink.products import ProductConfig
+    from onboard.runtime.stages.superres import LazySuperResolver, SuperResConfig
+
+    lazy = LazySuperResolver(SuperResConfig(bundle=bundle_path("x2", "int8"), threads=2))
+    try:
+        maker = ProductMaker(ProductConfig(kinds=("full", "superres")), superres=lazy.output)
+        return lazy.make_product(maker, open_scene(SAMPLE), window)
+    finally:
+        lazy.close()
+
+
+@pytest.mark.parametrize("kind", ["full", "near_lossless", "mask", "thumbnail", "superres"])
 def test_every_kind_gives_a_valid_item_offline(kind, no_network):
     frame, score = _tile()
-    maker = ProductMaker()
-    product = maker.make(kind, frame, layers={"cloud": np.zeros(frame.shape, np.uint8)})
+    if kind == "superres":
+        product = _superres_product(Window(64, 128, 64, 64))
+    else:
+        product = ProductMaker().make(kind, frame,
+                                      layers={"cloud": np.zeros(frame.shape, np.uint8)})
     pid = product_id(score.tile_id, kind)
     item = make_item(product, score, item_id=pid, href=f"{pid}{product.suffix}",
                      priority=0.42, bundles=["cloud-4band-0.2.1"])
@@ -133,9 +151,18 @@ def test_every_kind_gives_a_valid_item_offline(kind, no_network):
     stac = pystac.Item.from_dict(item)
     assert pystac.extensions.eo.EOExtension.ext(stac).cloud_cover == 12.5
     projection = pystac.extensions.projection.ProjectionExtension.ext(stac)
-    assert projection.code == "EPSG:4326" and projection.shape == [64, 64]
+    # A superres Item describes the image as stored: the tile's footprint on the 5 m grid.
+    assert projection.code == "EPSG:4326"
+    assert projection.shape == ([128, 128] if kind == "superres" else [64, 64])
+    t, t0 = product.georef.transform, frame.georef.transform
+    assert projection.transform[:6] == [t.a, t.b, t.c, t.d, t.e, t.f]
+    assert (t.c, t.f) == pytest.approx((t0.c, t0.f))
+    assert t.a == pytest.approx(t0.a / (2 if kind == "superres" else 1))
     file = pystac.extensions.file.FileExtension.ext(stac.assets[kind])
     assert file.size == product.size and file.checksum == product.multihash
+    # Provenance: the bundles that scored the tile, and the one that made a superres product.
+    assert item["properties"]["onboard:bundles"] == ["cloud-4band-0.2.1"] + (
+        ["superres-x2@0.1.0"] if kind == "superres" else [])
     assert item["properties"]["onboard:decision"] == "demote"
     assert item["properties"]["onboard:priority"] == 0.42
     assert item["properties"]["datetime"] == "2016-09-27T00:00:00Z"

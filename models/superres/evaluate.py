@@ -7,7 +7,8 @@ bands. PSNR (peak 10000 DN) and SSIM per band for bicubic and Lanczos (PIL on fl
 high-pass detail injection (sharpening), the fp32 torch model and the shipped bundles as the
 flight runtime runs them (ONNX Runtime, fp32 golden and INT8); SAM for the sharpened bands;
 the ×2 model band-wise on the WorldView pan crops (peak 2047); throughput in Mpx/s of input and
-of output. Writes ``results.json``, ``results.md`` and ``heldout_crops.png``.
+of output. Writes ``results.json``, ``results.md``, ``heldout_crops.png`` and ``seams.png``
+(``--seams-only``: just the seams figure, the rest untouched).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from onboard.models.data import default_data_root
 from onboard.models.superres import HERE, TILES, dataset, metrics
 from onboard.models.superres.model import Sharpen20, build_sharpen, build_x2, count_parameters
-from onboard.models.superres.train import WEIGHTS, default_root
+from onboard.models.superres.train import WEIGHTS
 
 PAN_PEAK = 2047.0
 # The pan crops (11-bit DN) enter the ×2 model as reflectance-like values of the same order as
@@ -221,6 +223,178 @@ def comparison_png(root: Path, x2: Runners, sharpen: Runners, path: Path) -> Pat
     return path
 
 
+# The seams figure: a held-out scene large enough for 4 x 4 tiles of the x2 bundle's own size
+# (128, overlap 32); the sharpening bundle's 256-pixel tiles would make 2 x 2 of it, so its run
+# takes 144-pixel tiles (overlap 48, twice its stated context), 4 x 4 as well.
+SEAMS_SCENE = "lasvegas/imgs_1"
+SEAMS_TILE: dict[str, int | None] = {"x2": None, "sharpen": 144}
+SEAMS_GAIN = 128  # the |difference| panel: grey levels per DN
+
+
+def _tiled_and_whole(task: str, x: np.ndarray, georef: Any, folder: Path, threads: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Any], int, int]:
+    """The INT8 bundle over the Wald input ``x`` (DN): streamed by ``onboard predict`` from
+    files (tile by tile, as on board), run once on the whole array by the same engine with the
+    runtime's own DN conversions, and, as a control, tiled in memory with no overlap (what a
+    seam looks like). Returns the three outputs (DN float32), the streamed run's tile
+    placements, its tile size and its overlap."""
+    from onboard.runtime.cli import main as cli
+    from onboard.runtime.downlink.products import write_geotiff
+    from onboard.runtime.engines import open_engine
+    from onboard.runtime.frame import Frame
+    from onboard.runtime.georef import Georef
+    from onboard.runtime.sources.geotiff import GeoTiffScene
+    from onboard.runtime.stages.superres import DEFAULT_OVERLAP, SuperResolver
+    from onboard.runtime.windows import TileGrid, Window
+
+    dn = np.rint(x).astype(np.uint16)  # what a band file holds
+    coarse = Georef(georef.crs, georef.transform.scaled(0.5))  # the 10 m grid at 20 m
+    if task == "x2":
+        source = folder / "x2_input.tif"
+        write_geotiff(source, dn, list(dataset.BANDS_10), coarse)
+    else:  # a band folder, each band at its own (Wald) resolution: 20 m and 40 m
+        source = folder / "sharpen_input"
+        source.mkdir()
+        coarser = Georef(georef.crs, georef.transform.scaled(0.25))
+        for i, band in enumerate(dataset.SHARPEN_INPUT):
+            pixels, grid = (dn[i], coarse) if i < 4 else (dn[i, ::2, ::2], coarser)
+            write_geotiff(source / f"wald_{band}.tif", pixels[None], [band], grid)
+    out = folder / f"{task}_streamed.tif"
+    tile = SEAMS_TILE[task]
+    assert cli(["predict", str(bundle_path(task, "int8")), str(source), "--out", str(out),
+                "--threads", str(threads), *(["--tile", str(tile)] if tile else [])]) == 0
+    with GeoTiffScene(out) as tif:
+        streamed = tif.read_pixels(Window(0, 0, tif.height, tif.width)).astype(np.float32)
+    engine = open_engine(bundle_path(task, "int8"), "onnxruntime", "cpu", threads=threads)
+    try:
+        resolver = SuperResolver(engine, overlap=DEFAULT_OVERLAP, tile=tile)
+        bands = dataset.BANDS_10 if task == "x2" else dataset.SHARPEN_INPUT
+        model_input = resolver.predictor.prepare(Frame(dn, bands, 20.0))
+        whole = resolver.to_dn(engine.run(model_input[None])[0], np.uint16).astype(np.float32)
+        grid = TileGrid(*dn.shape[1:], resolver.tile, resolver.overlap)
+        resolver.overlap = 0  # below the context the bundle states: only for the control
+        control = resolver.upsample(Frame(dn, bands, 20.0)).pixels.astype(np.float32)
+        return streamed, whole, control, list(grid), resolver.tile, grid.overlap
+    finally:
+        engine.close()
+
+
+def seams(root: Path, path: Path, threads: int = 2) -> dict[str, Any]:
+    """Streamed against whole-image runs of both INT8 bundles on a held-out scene (Wald's
+    protocol, ``SEAMS_SCENE``), as a figure: per row the streamed output, the whole-image
+    output and their |difference| (``SEAMS_GAIN`` grey levels per DN) with the tile cores'
+    edges, where seams would be, in red. ×2 in true colour (shown at half its 10 m size, the
+    difference max-pooled so no pixel of it is lost), sharpening as B12/B8A/B05. Returns the
+    numbers the caption states."""
+    import tempfile
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    from onboard.runtime.sources.oscd import OscdScene
+
+    scene = dataset.load(root, SEAMS_SCENE)
+    band_files = OscdScene(root / "oscd" / SEAMS_SCENE, ("B02",))
+    georef = band_files.georef
+    band_files.close()
+    stats: dict[str, Any] = {"scene": SEAMS_SCENE}
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for task in ("x2", "sharpen"):
+            x, truth = (dataset.x2_pair if task == "x2" else dataset.sharpen_pair)(scene)
+            streamed, whole, control, grid, tile, overlap = _tiled_and_whole(
+                task, x, georef, Path(folder), threads)
+            diff = np.abs(streamed - whole)
+            p_streamed = float(np.mean(metrics.psnr_bands(streamed, truth, dataset.PEAK_DN)))
+            p_whole = float(np.mean(metrics.psnr_bands(whole, truth, dataset.PEAK_DN)))
+            n_rows = len({p.window.row_off for p in grid})
+            stats[task] = {"tiles": [n_rows, len(grid) // n_rows], "tile": tile,
+                           "overlap": overlap, "output_shape": list(streamed.shape[1:]),
+                           "max_abs_diff_dn": float(diff.max()),
+                           "pixels_differing": int((diff > 0).any(axis=0).sum()),
+                           "psnr_streamed": round(p_streamed, 4), "psnr_whole": round(p_whole, 4),
+                           "psnr_difference_db": round(p_streamed - p_whole, 4)}
+            pick = [2, 1, 0] if task == "x2" else [5, 3, 0]
+            shrink = 2 if task == "x2" else 1
+            low = np.percentile(whole[pick], 1, axis=(1, 2))[:, None, None]
+            high = np.percentile(whole[pick], 99, axis=(1, 2))[:, None, None]
+            h, w = (d // shrink * shrink for d in streamed.shape[1:])
+            panels = [_stretch(dataset.area_down(img[pick][:, :h, :w], shrink), low, high)
+                      for img in (streamed, whole)]
+            greys = []
+            for d in (diff, np.abs(control - whole)):
+                pooled = d.max(axis=0)[:h, :w].reshape(h // shrink, shrink, w // shrink,
+                                                       shrink).max(axis=(1, 3))
+                greys.append(np.clip(pooled * SEAMS_GAIN, 0, 255).astype(np.uint8))
+            stats[task]["control_max_abs_diff_dn"] = float(np.abs(control - whole).max())
+            marked = np.stack([greys[0]] * 3)
+            # The cores split the grid into rows and columns of tiles: a seam can only be on
+            # the lines between them.
+            shown = (2 if task == "x2" else 1) / shrink  # shown pixels per input pixel
+            for r in {p.core.row_off for p in grid} - {0}:
+                marked[:, min(int(r * shown), marked.shape[1] - 1)] = [[255], [0], [0]]
+            for c in {p.core.col_off for p in grid} - {0}:
+                marked[:, :, min(int(c * shown), marked.shape[2] - 1)] = [[255], [0], [0]]
+            rows.append(panels + [marked, np.stack([greys[1]] * 3)])
+    font = ImageFont.load_default(size=15)
+    gap, text_h = 8, 44
+    width = max(sum(p.shape[2] for p in row) + 2 * gap for row in rows)
+    height = sum(row[0].shape[1] + text_h for row in rows) + text_h + 4
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    top = 0
+    for task, row in zip(("x2", "sharpen"), rows, strict=True):
+        t = stats[task]
+        what = ("x2 of B04/B03/B02, 20 m -> 10 m (shown at half size)" if task == "x2" else
+                "sharpening of B12/B8A/B05, 40 m -> 20 m guided by 20 m")
+        draw.text((0, top + 2), f"{what}: {t['tiles'][0]} x {t['tiles'][1]} tiles of "
+                  f"{t['tile']} px, overlap {t['overlap']}. Streamed | whole image | "
+                  f"|difference| x{SEAMS_GAIN} (tile cores' edges in red) | control: "
+                  f"{t['tile']}-px tiles without overlap (max {t['control_max_abs_diff_dn']:.0f}"
+                  " DN)",
+                  fill="black", font=font)
+        draw.text((0, top + 21), f"max |diff| {t['max_abs_diff_dn']:.0f} DN "
+                  f"({t['pixels_differing']} of {np.prod(t['output_shape'])} pixels differ); "
+                  f"PSNR streamed {t['psnr_streamed']:.3f} dB, whole {t['psnr_whole']:.3f} dB, "
+                  f"difference {t['psnr_difference_db']:+.4f} dB", fill="black", font=font)
+        top += text_h
+        left = 0
+        for panel in row:
+            canvas.paste(Image.fromarray(np.ascontiguousarray(np.moveaxis(panel, 0, -1))),
+                         (left, top))
+            left += panel.shape[2] + gap
+        top += row[0].shape[1]
+    draw.text((0, top + 4), f"{SEAMS_SCENE} (held out), Wald's protocol, INT8 bundles on ONNX "
+              "Runtime: `onboard predict` tile by tile from band files against one engine run "
+              "on the whole array;", fill="black", font=font)
+    draw.text((0, top + 23), "PSNR at peak 10000 DN against the truth. Written by `python -m "
+              "onboard.models.superres.evaluate --seams-only`.", fill="black", font=font)
+    canvas.save(path, optimize=True)
+    return stats
+
+
+def seams_markdown(stats: dict[str, Any]) -> str:
+    """The results.md section on ``seams.png``."""
+    lines = ["## Streaming without seams", "",
+             f"`onboard predict` streams tile by tile; on {stats['scene']} (held out, Wald's "
+             "protocol, INT8 bundles) its output against one engine run on the whole array "
+             "(`python -m onboard.models.superres.evaluate --seams-only`). The x2 run takes "
+             "the bundle's own tiles; the sharpening bundle's 256-px tiles would make 2 × 2 of "
+             "this scene, so its run takes `--tile 144`. The input files hold whole DN, so "
+             "the PSNR differs from the tables above in the third decimal.", ""]
+    for task in ("x2", "sharpen"):
+        t = stats[task]
+        lines.append(f"- {task}: {t['tiles'][0]} × {t['tiles'][1]} tiles of {t['tile']} px, "
+                     f"overlap {t['overlap']}: max |diff| {t['max_abs_diff_dn']:.0f} DN "
+                     f"({t['pixels_differing']} of {int(np.prod(t['output_shape']))} pixels), "
+                     f"PSNR {t['psnr_streamed']:.3f} dB streamed, {t['psnr_whole']:.3f} dB "
+                     f"whole, difference {t['psnr_difference_db']:+.4f} dB (control, "
+                     f"{t['tile']}-px tiles without overlap: max "
+                     f"{t['control_max_abs_diff_dn']:.0f} DN).")
+    lines += ["", "![streamed / whole image / |difference| with the tile cores' edges](seams.png)",
+              ""]
+    return "\n".join(lines) + "\n"
+
+
 def _gain_summary(results: dict[str, Any], task: str) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for scene, methods in results.items():
@@ -277,17 +451,25 @@ def markdown(report: dict[str, Any]) -> str:
         for name, t in methods.items():
             lines.append(f"| {crop} | {name} | {t['psnr_mean']:.2f} | {t['ssim_mean']:.4f} |")
     lines += ["", "![bicubic / model / truth](heldout_crops.png)", ""]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    return text + ("\n" + seams_markdown(report["seams"]) if "seams" in report else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", type=Path, default=Path(os.environ.get("ONBOARD_DATA",
-                                                                         default_root())))
+    parser.add_argument("--root", type=Path, default=default_data_root())
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--seams-only", action="store_true",
+                        help="only write seams.png (streamed against whole-image runs) and "
+                             "print its results.md section; nothing else is evaluated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.seams_only:
+        stats = seams(args.root, args.out / "seams.png", args.threads)
+        print(json.dumps(stats, indent=2))
+        print(seams_markdown(stats))
+        return
     scenes = dataset.heldout_scenes(args.root)
     x2, sharpen = Runners("x2", args.threads), Runners("sharpen", args.threads)
     report: dict[str, Any] = {
@@ -305,6 +487,7 @@ def main() -> None:
                        "pan": _gain_summary(report["pan"], "x2")}
     report["throughput"] = {"x2": throughput(x2), "sharpen": throughput(sharpen)}
     comparison_png(args.root, x2, sharpen, args.out / "heldout_crops.png")
+    report["seams"] = seams(args.root, args.out / "seams.png", args.threads)
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(report))
     print(markdown(report))

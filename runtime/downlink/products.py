@@ -7,9 +7,10 @@ Four kinds, cheapest first:
 - ``full``: every band, lossless: tiled zstd GeoTIFF with the horizontal predictor;
 - ``near_lossless``: every band in LERC (its own zstd layer behind it), every decoded value within
   ``max_error_dn`` of the original;
-- ``superres``: the tile's ``superres_bands`` at ``superres_scale`` times their sampling (the
-  super-resolution bundle of ``[superres]``, see :mod:`onboard.runtime.stages.superres`),
-  lossless zstd. Not in the default kinds: it costs a model run, so a config asks for it.
+- ``superres``: what the super-resolution bundle of ``[superres]`` makes of the tile (see
+  :mod:`onboard.runtime.stages.superres`): its output bands at its ``scale_factor`` times their
+  sampling, both as its manifest states them (:class:`SuperResOutput`), lossless zstd. Not in the
+  default kinds: it costs a model run, so a config asks for it.
 
 A maker returns a :class:`Product`: the encoded bytes with kind, media type, suffix and metadata,
 so the size the planner records is the real compressed size, known before anything is written.
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from onboard.runtime.bands import SENTINEL2_BY_NAME
+from onboard.runtime.bands import SENTINEL2_BY_NAME, resolve_band_indices, sentinel2_band
 from onboard.runtime.config import register_section
 from onboard.runtime.downlink.quicklook import stretch_rgb
 from onboard.runtime.durability import atomic_path, write_bytes
@@ -62,8 +63,11 @@ class ProductConfig:
     thumbnail_bands: tuple[str, ...] = ("red", "green", "blue")
     compression_level: int = 3  # zstd; 9 saves ~2 % on Sentinel-2 tiles at 4x the time
     tile: int = 256  # internal GeoTIFF tile size (a multiple of 16)
-    superres_bands: tuple[str, ...] = ("blue", "green", "red", "nir")
-    superres_scale: int = 2  # superres pixels per input pixel, along each axis
+    # What the [superres] bundle makes (its output bands, superres pixels per input pixel along
+    # each axis). None: as its manifest states, which a run takes; a value given is a check,
+    # and a run refuses a bundle that disagrees with it rather than plan the wrong size.
+    superres_bands: tuple[str, ...] | None = None
+    superres_scale: int | None = None
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.kinds if k not in PRODUCT_KINDS]
@@ -86,10 +90,62 @@ class ProductConfig:
                               f"{self.compression_level}")
         if self.tile < 16 or self.tile % 16:
             raise ConfigError(f"products.tile must be a positive multiple of 16, got {self.tile}")
-        if not self.superres_bands or not 1 <= self.superres_scale <= 8:
-            raise ConfigError(f"products.superres_bands must name a band and superres_scale be "
-                              f"in [1, 8], got {list(self.superres_bands)} and "
-                              f"{self.superres_scale}")
+        if self.superres_bands is not None and not self.superres_bands:
+            raise ConfigError("products.superres_bands must name a band (or be left out: the "
+                              "[superres] bundle's)")
+        if self.superres_scale is not None and not 1 <= self.superres_scale <= 8:
+            raise ConfigError(f"products.superres_scale must be in [1, 8] (or be left out: the "
+                              f"[superres] bundle's), got {self.superres_scale}")
+
+
+@dataclass(frozen=True)
+class SuperResOutput:
+    """What a super-resolution bundle makes, as its manifest states it: the planner sizes
+    ``superres`` products by it, and each product records it (scale factor, provenance)."""
+
+    scale_factor: int  # output pixels per input pixel, along each axis
+    bands: tuple[str, ...]  # its output bands (the bundle's names, or the scene's for them)
+    bundle: str = ""  # "name@version" of the bundle, for the product's provenance
+
+    def check(self, config: ProductConfig, where: str) -> None:
+        """Refuse a ``[products]`` section whose superres_scale or superres_bands disagree
+        with the bundle: its products would be planned at the wrong size."""
+        if config.superres_scale is not None and config.superres_scale != self.scale_factor:
+            raise ConfigError(f"{where}: products.superres_scale = {config.superres_scale} but "
+                              f"the [superres] bundle {self.bundle} makes x{self.scale_factor}; "
+                              "leave superres_scale out to take the bundle's")
+        stated = config.superres_bands
+        if stated is not None and [_band_key(b) for b in stated] != [_band_key(b)
+                                                                     for b in self.bands]:
+            raise ConfigError(f"{where}: products.superres_bands = {list(config.superres_bands)}"
+                              f" but the [superres] bundle {self.bundle} makes "
+                              f"{list(self.bands)}; leave superres_bands out to take the "
+                              "bundle's")
+
+
+def _band_key(name: str) -> str:
+    """One name per Sentinel-2 band, whichever of its names is given (blue and B02 agree; the
+    red-edge bands share a common name, so their own names are compared)."""
+    try:
+        return sentinel2_band(name).name
+    except BandError:
+        return name.strip().lower()
+
+
+def superres_band_names(output: SuperResOutput, available: Iterable[str]) -> tuple[str, ...]:
+    """The scene's own names for the bands a super-resolution bundle makes (B02 for its blue),
+    which its products carry and the size model learns under; the bundle's names where the
+    scene lacks one (no product can be made of it then, but it can be sized)."""
+    available = list(available)
+    try:
+        return tuple(available[i] for i in resolve_band_indices(available, list(output.bands),
+                                                                None))
+    except BandError:
+        return output.bands
+
+
+# Without a bundle to ask (a maker on its own): the x2 bundle's output.
+DEFAULT_SUPERRES = SuperResOutput(2, ("blue", "green", "red", "nir"))
 
 
 register_section("products", ProductConfig, doc="product kinds and how they are encoded")
@@ -355,21 +411,30 @@ def make_near_lossless(frame: Frame, config: ProductConfig = ProductConfig()) ->
         "lossless": bound == 0.0, "max_error_dn": bound})
 
 
-def make_superres(frame: Frame, config: ProductConfig = ProductConfig()) -> Product:
+def make_superres(frame: Frame, config: ProductConfig = ProductConfig(),
+                  output: SuperResOutput = DEFAULT_SUPERRES) -> Product:
     """The super-resolved bands of a tile, lossless (zstd with the horizontal predictor).
 
     ``frame`` is the super-resolution output (:meth:`SuperResolver.upsample
     <onboard.runtime.stages.superres.SuperResolver.upsample>`): its pixels, bands and georef
     are those of the finer grid, which covers the same footprint, so the product's ``shape``
-    and ``georef`` (and its STAC ``proj:`` fields) describe the image as stored.
+    and ``georef`` (and its STAC ``proj:`` fields) describe the image as stored. ``output``
+    is what the bundle that made it states: its scale factor and id go into the product.
     """
+    if frame.pixels.shape[0] != len(output.bands):
+        raise BandError(frame.source_id or None,
+                        f"a superres product of {frame.pixels.shape[0]} bands, but the bundle "
+                        f"{output.bundle or '?'} makes {list(output.bands)}")
+    provenance = {"scale_factor": output.scale_factor}
+    if output.bundle:
+        provenance["bundle"] = output.bundle
     data = encode_geotiff(frame.pixels, frame.bands, frame.georef, compression="zstd",
                           level=config.compression_level, tile=config.tile,
                           acquired=frame.acquired, source_id=frame.source_id,
-                          extra={"kind": "superres", "scale_factor": config.superres_scale})
+                          extra={"kind": "superres", **provenance})
     return _geotiff_product("superres", data, frame, ("data", "superres"), {
         "bands": _band_names(frame), "dtype": str(frame.pixels.dtype), "compression": "zstd",
-        "lossless": True, "scale_factor": config.superres_scale, "gsd_m": frame.gsd_m})
+        "lossless": True, "gsd_m": frame.gsd_m, **provenance})
 
 
 def make_mask(layers: Mapping[str, np.ndarray], georef: Georef | None, *,
@@ -444,8 +509,10 @@ def _geotiff_product(kind: str, data: bytes, frame: Frame, roles: tuple[str, ...
 _FIRST_GUESS_BITS: dict[str, dict[str, float]] = {
     "full": {"10": 9.5, "20": 3.3, "60": 0.4},
     "near_lossless": {"10": 6.6, "20": 4.9, "60": 1.0},
-    # The x2 bands of the sample: smoother than the originals, per (finer) sample.
-    "superres": {"10": 7.5, "20": 3.0, "60": 0.4},
+    # Per output sample, by the band's native resolution: the sample's x2 bands 8.0-9.4 bits
+    # (mean 8.4); its sharpened 20 m bands 9.4-10.5 (each 10 m sample its own value now, not a
+    # copy of a 20 m one). No bundle sharpens the 60 m bands: as the 20 m ones.
+    "superres": {"10": 8.4, "20": 9.9, "60": 9.9},
 }
 _FIRST_GUESS_OVERHEAD = {"full": 1200.0, "near_lossless": 1400.0, "mask": 800.0,
                          "thumbnail": 60.0, "superres": 1200.0}
@@ -469,7 +536,7 @@ class SizeModel:
     """
 
     def __init__(self, alpha: float = 0.3, max_error_dn: float = 2.0,
-                 superres_scale: int = 2) -> None:
+                 superres_scale: int = DEFAULT_SUPERRES.scale_factor) -> None:
         self.alpha = alpha
         self.max_error_dn = max_error_dn
         self.superres_scale = superres_scale
@@ -538,10 +605,20 @@ class ProductMaker:
     :meth:`make` for the chosen ones and records ``product.size``, the real compressed size.
     """
 
-    def __init__(self, config: ProductConfig = ProductConfig(), alpha: float = 0.3) -> None:
+    def __init__(self, config: ProductConfig = ProductConfig(), alpha: float = 0.3,
+                 superres: SuperResOutput | None = None) -> None:
+        """``superres``: what the ``[superres]`` bundle makes (a pass runner reads it from the
+        bundle's manifest); without it, the config's superres_bands and superres_scale where
+        given, else the x2 bundle's four bands at x2."""
         self.config = config
+        if superres is None:
+            superres = SuperResOutput(config.superres_scale or DEFAULT_SUPERRES.scale_factor,
+                                      config.superres_bands or DEFAULT_SUPERRES.bands)
+        else:
+            superres.check(config, "[products]")
+        self.superres = superres
         self.sizes = SizeModel(alpha=alpha, max_error_dn=config.max_error_dn,
-                               superres_scale=config.superres_scale)
+                               superres_scale=superres.scale_factor)
 
     def estimate_bytes(self, kind: str, frame: Frame, *, layers: int | list[str] = 1) -> int:
         """Bytes the ``kind`` product of ``frame`` is expected to take (``layers``: how many
@@ -551,14 +628,17 @@ class ProductMaker:
             names = [f"layer{i}" for i in range(layers)] if isinstance(layers, int) else layers
             return self.sizes.estimate(kind, frame.shape, ["*"] * len(names))
         bands = list(self.config.thumbnail_bands) if kind == "thumbnail" else list(
-            self.config.superres_bands) if kind == "superres" else list(frame.bands)
+            superres_band_names(self.superres, frame.bands)) if kind == "superres" else list(
+            frame.bands)
         return self.sizes.estimate(kind, frame.shape, bands, self.config.thumbnail_scale)
 
     def make(self, kind: str, frame: Frame, *,
-             layers: Mapping[str, np.ndarray] | None = None) -> Product:
+             layers: Mapping[str, np.ndarray] | None = None,
+             superres: SuperResOutput | None = None) -> Product:
         """The ``kind`` product of ``frame`` (a tile's core); ``layers`` for the mask, on the
         frame's grid. For ``superres``, ``frame`` is the super-resolved core (see
-        :func:`make_superres`)."""
+        :func:`make_superres`) and ``superres`` what the bundle that made it states (default:
+        the maker's)."""
         self._check_kind(kind)
         if kind == "full":
             product = make_full(frame, self.config)
@@ -567,7 +647,7 @@ class ProductMaker:
         elif kind == "thumbnail":
             product = make_thumbnail(frame, self.config)
         elif kind == "superres":
-            product = make_superres(frame, self.config)
+            product = make_superres(frame, self.config, superres or self.superres)
         else:
             if layers is None:
                 raise BandError(frame.source_id or None, "a mask product needs its layers")

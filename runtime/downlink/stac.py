@@ -121,8 +121,9 @@ def make_item(
     ``item_id``: the product id (:func:`~onboard.runtime.downlink.products.product_id`);
     ``href``: where the product file lies, relative to the Item's JSON; ``acquired``: the
     acquisition time (default: the product's); ``priority``: the planner's value of the
-    product; ``bundles``: ids of the model bundles that scored the tile; ``cloud_cover``: percent,
-    default from the cloud stage's values in ``score``.
+    product; ``bundles``: ids of the model bundles that scored the tile, to which the bundle
+    that made the product itself (a ``superres`` product's, ``metadata["bundle"]``) is added;
+    ``cloud_cover``: percent, default from the cloud stage's values in ``score``.
     """
     moment = acquired or product.acquired
     if moment is None:
@@ -153,7 +154,7 @@ def make_item(
         "onboard:reasons": list(score.reasons),
         "onboard:scores": {k: round(float(v), 6) for k, v in score.values.items()},
         "onboard:aoi_weight": float(score.aoi_weight),
-        "onboard:bundles": list(bundles),
+        "onboard:bundles": list(dict.fromkeys([*bundles, *_made_by(product)])),
         "onboard:product_kind": product.kind,
     })
     if priority is not None:
@@ -187,6 +188,12 @@ def make_item(
     if collection is not None:
         item["collection"] = collection
     return item
+
+
+def _made_by(product: Product) -> list[str]:
+    """The bundle that made the product's pixels, where one did (super-resolution)."""
+    bundle = product.metadata.get("bundle")
+    return [str(bundle)] if bundle else []
 
 
 # -- the ground's catalogue ------------------------------------------------------------------------

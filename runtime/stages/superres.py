@@ -12,7 +12,8 @@ The pass runner's hook, per contact window, for a chosen candidate of kind ``sup
     resolver = LazySuperResolver(config.section("superres"), telemetry)   # once per run
     product = resolver.make_product(maker, scene, Window(row, col, h, w))  # in _make
 
-and ``products.superres_bands`` as the band list when estimating its size.
+and the bundle's manifest (:attr:`LazySuperResolver.output`, read without loading the engine)
+for the product's bands and scale factor when estimating its size.
 
 Bundles: outputs are reflectance (the bundle's ``values``); they are turned back into the
 input's DN (``value / scale - offset / scale`` of the matching input band) and its dtype, so a
@@ -31,8 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from onboard.runtime.bundle.manifest import Manifest
 from onboard.runtime.config import EngineConfig, register_section
-from onboard.runtime.downlink.products import Product, ProductMaker, write_geotiff
+from onboard.runtime.downlink.products import (
+    Product,
+    ProductMaker,
+    SuperResOutput,
+    write_geotiff,
+)
 from onboard.runtime.engines import open_engine
 from onboard.runtime.engines.base import Engine
 from onboard.runtime.errors import ConfigError, OnboardError, SceneError
@@ -70,12 +77,30 @@ register_section("superres", SuperResConfig,
                  doc="super-resolution bundle for superres products (opened on first use)")
 
 
+def superres_output(manifest: Manifest, where: Path | str) -> SuperResOutput:
+    """What a super-resolution bundle makes, from its manifest: output k is input band
+    ``first + k`` (the same bands for x2, the last ones for sharpening), at its scale factor."""
+    if manifest.task != "superres" or manifest.output.kind != "values":
+        raise ConfigError(f"{where}: a super-resolution bundle has task superres and gives "
+                          f"values, this one {manifest.task} and {manifest.output.kind}")
+    bands, n_out = tuple(manifest.input.bands), manifest.output.channels
+    if n_out > len(bands):
+        raise ConfigError(f"{where}: {n_out} output channels for {len(bands)} input bands; no "
+                          "input band to take DN units and names from")
+    return SuperResOutput(int(manifest.output.scale_factor), bands[len(bands) - n_out:],
+                          f"{manifest.name}@{manifest.version}")
+
+
 class SuperResolver:
     """One super-resolution engine, with the DN conversion and tiling around it."""
 
     def __init__(self, engine: Engine, *, scale: float | None = None,
                  overlap: int = DEFAULT_OVERLAP, halo: int = DEFAULT_HALO,
-                 batch: int = 4) -> None:
+                 batch: int = 4, tile: int | None = None) -> None:
+        """``tile``: input pixels per tile side, at most the bundle's (default); a graph of
+        any size runs the tiles as cut, a fixed-size one gets each padded to its size. Smaller
+        tiles hold less; they must be wider than the overlap, so every core keeps its
+        context."""
         self.engine = engine
         self.predictor = Predictor(engine, scale=scale)
         self.spec = self.predictor.spec
@@ -83,19 +108,26 @@ class SuperResolver:
         if self.output.kind != "values":
             raise ConfigError(f"{engine.bundle.path}: a super-resolution bundle gives values, "
                               f"this one {self.output.kind}")
-        self.tile = self.spec.tile_size
         self.context = self._context(engine)
+        if tile is not None and not max(overlap, 2 * self.context) < tile <= self.spec.tile_size:
+            raise ConfigError(f"{engine.bundle.path}: tile {tile} must be wider than the "
+                              f"overlap ({max(overlap, 2 * self.context)} pixels) and at most "
+                              f"the bundle's tile ({self.spec.tile_size})")
+        self.tile = tile or self.spec.tile_size
+        shape = engine.model_input_shape
+        if self.tile != self.spec.tile_size and len(shape) == 4 and shape[2] is None \
+                and shape[3] is None:
+            # A graph of any size runs each tile as cut: padded to the bundle's tile, the tiles
+            # at the scene's bottom and right edges would show the padding to their last pixels
+            # where a whole-image run shows the convolutions' own zero border.
+            self.predictor.spec = self.spec = replace(self.spec, tile_size=self.tile)
         self.overlap = min(max(overlap, 2 * self.context), self.tile - 1)
         self.halo = max(halo, self.context)
         self.batch = batch
-        self.scale_factor = int(self.output.scale_factor)
-        n_in, n_out = len(self.spec.bands), self.output.channels
-        if n_out > n_in:
-            raise ConfigError(f"{engine.bundle.path}: {n_out} output channels for {n_in} input "
-                              "bands; no input band to take DN units and names from")
-        # Output k is input band first + k: the same bands (×2) or the last ones (sharpening).
-        self.first_band = n_in - n_out
-        self.output_bands = tuple(self.spec.bands[self.first_band:])
+        self.described = superres_output(engine.manifest, engine.bundle.path)
+        self.scale_factor = self.described.scale_factor
+        self.first_band = len(self.spec.bands) - self.output.channels
+        self.output_bands = self.described.bands
 
     @staticmethod
     def _context(engine: Engine) -> int:
@@ -239,7 +271,7 @@ class SuperResolver:
         georef = None if sr.georef is None else sr.georef.window(inner.col_off, inner.row_off)
         cut = replace(sr, pixels=np.ascontiguousarray(sr.pixels[:, rows, cols]), georef=georef,
                       valid=None if sr.valid is None else sr.valid[rows, cols])
-        return maker.make("superres", cut)
+        return maker.make("superres", cut, superres=self.described)
 
 
 class LazySuperResolver:
@@ -250,6 +282,21 @@ class LazySuperResolver:
         self.config = config
         self.telemetry = telemetry
         self._resolver: SuperResolver | None = None
+        self._output: SuperResOutput | None = None
+
+    @property
+    def output(self) -> SuperResOutput:
+        """What the bundle makes, from its manifest alone (the engine stays unloaded): what
+        the planner sizes superres candidates by."""
+        if self._output is None:
+            from onboard.runtime.bundle import Bundle
+
+            if self._resolver is not None:
+                self._output = self._resolver.described
+            else:
+                self._output = superres_output(Bundle.open(self.config.bundle).manifest,
+                                               self.config.bundle)
+        return self._output
 
     @property
     def resolver(self) -> SuperResolver:
@@ -301,7 +348,12 @@ def predict(args: argparse.Namespace) -> int:
                          batch_size=args.batch, telemetry=telemetry,
                          trust=list(getattr(args, "trust", None) or []) or None)
     overlap = max(args.overlap, DEFAULT_OVERLAP)
-    resolver = SuperResolver(engine, scale=args.scale, overlap=overlap, batch=args.batch)
+    try:
+        resolver = SuperResolver(engine, scale=args.scale, overlap=overlap, batch=args.batch,
+                                 tile=getattr(args, "tile", None))
+    except OnboardError:
+        engine.close()
+        raise
     bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
     if args.input.is_dir():
         scene: Any = OscdScene(args.input, tuple(resolver.spec.bands))
