@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from onboard.models.change import dataset  # noqa: E402
+from onboard.models.change import calibration, dataset  # noqa: E402
 from onboard.models.change.metrics import auprc, pixel_baselines  # noqa: E402
 from onboard.models.change.model import build  # noqa: E402
 from onboard.models.change.scoring import (  # noqa: E402
@@ -40,7 +40,7 @@ def _bundle(bands: int, precision: str) -> Path:
 
 
 def _torch_model(bands: int) -> torch.nn.Module:
-    model = build(bands)
+    model = build(bands, calibration(bands).get("ignore_bands", ()))
     model.load_state_dict(torch.load(HERE / f"weights_{bands}band.pt", map_location="cpu",
                                      weights_only=True))
     return model.eval()
@@ -116,6 +116,29 @@ def test_bundle_latents_match_the_torch_model_on_a_real_crop(bands, test_data):
             ours = memory_score(z2[0], [quantise(z1[0], change["latent_scale"])], change)
             ref = memory_score(t2[0], [quantise(t1[0], change["latent_scale"])], change)
             assert float(np.abs(ours - ref).max()) < 0.1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_13band_bundle_ignores_the_bands_its_manifest_says(precision, test_data):
+    """0.3 multiplies B01, B09 and B10 by zero: whatever a payload feeds them, the latents are
+    the same; any other band moves them."""
+    bundle = Bundle.open(_bundle(13, precision))
+    ignored = bundle.manifest.extra["change"].get("ignored_bands", [])
+    assert ignored == ["B01", "B09", "B10"]
+    names = list(bundle.manifest.input.bands)
+    x, _ = _paris(test_data, bundle)
+    engine = open_engine(bundle, "onnxruntime", "cpu", threads=1)
+    try:
+        base = engine.run_named({"input": x})["latent"]
+        noisy = x.copy()
+        noisy[:, [names.index(b) for b in ignored]] = np.random.default_rng(0).normal(
+            0.0, 3.0, (1, len(ignored), *x.shape[2:])).astype(np.float32)
+        np.testing.assert_array_equal(engine.run_named({"input": noisy})["latent"], base)
+        moved = x.copy()
+        moved[:, names.index("B04")] += 1.0
+        assert float(np.abs(engine.run_named({"input": moved})["latent"] - base).max()) > 0.1
+    finally:
+        engine.close()
 
 
 def test_memory_score_is_the_calibrated_minimum_over_references(test_data):

@@ -28,7 +28,8 @@ import numpy as np
 from onboard.models.zoo import ZooModel, register
 
 HERE = Path(__file__).resolve().parent
-VERSION = "0.2.0"
+# 13 bands 0.3: 0.2 with the 60 m atmospheric bands B01, B09, B10 ignored (card).
+VERSIONS = {13: "0.3.0", 4: "0.2.0"}
 TILE = 256
 CELL = 32
 
@@ -47,9 +48,12 @@ def change_block(bands: int) -> dict[str, Any]:
     from onboard.models.change.scoring import change_extra
 
     info = calibration(bands)
+    # Bands the encoder multiplies by zero: still inputs (the interface is the variant's), but
+    # a payload team may feed them anything finite.
+    ignored = {"ignored_bands": info["ignore_bands"]} if info.get("ignore_bands") else {}
     return change_extra(info["latent_scale"], info["a"], info["b"], info["distance"],
                         subcells=info["subcells"], heldout_cities=info["heldout_cities"],
-                        calibration_cities=info["calibration_cities"])
+                        calibration_cities=info["calibration_cities"], **ignored)
 
 
 def manifest_extra(bands: int) -> dict[str, Any]:
@@ -111,7 +115,7 @@ for _bands in (13, 4):
     register(ZooModel(
         name=f"change-{_bands}band",
         task="change",
-        version=VERSION,
+        version=VERSIONS[_bands],
         build=partial(_build, _bands),
         weights=HERE / f"weights_{_bands}band.pt",
         bands=BANDS[_bands],
