@@ -271,6 +271,24 @@ def test_sampler_refuses_test_scenes():
             main(["--bands", "4", *removed])
 
 
+def test_sampler_views_each_scene_at_other_pixel_sizes_unless_told_not_to():
+    """By default a 30 m scene is also seen at 60 m (and a 10 m one at 20 and 30 m), labels
+    pooled with it; ``pixel_sizes=False`` (train --one-pixel-size, a measured lever) keeps only
+    the scene's own grid."""
+    rng = np.random.default_rng(0)
+    image = rng.random((6, 256, 256)).astype(np.float32)
+    labels = (rng.random((256, 256)) < 0.3).astype(np.uint8) * dataset.CLOUD
+    views = {}
+    for gsd in (30.0, 10.0):
+        scene = dataset.LabelledScene("oscd-abudhabi-1", image, labels, gsd, human=False)
+        views[gsd] = {(v.gsd_m, v.labels.shape) for v in
+                      dataset.TileSampler([scene], 4, tile=64).teacher}
+        only = dataset.TileSampler([scene], 4, tile=64, pixel_sizes=False).teacher
+        assert [(v.gsd_m, v.labels.shape) for v in only] == [(gsd, (256, 256))]
+    assert views[30.0] == {(30.0, (256, 256)), (60.0, (128, 128))}
+    assert views[10.0] == {(10.0, (256, 256)), (20.0, (128, 128)), (30.0, (85, 85))}
+
+
 def test_missing_data_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="ukis_sentinel2_6band.npz"):
         dataset.ukis_scene(tmp_path)

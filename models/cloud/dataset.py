@@ -424,11 +424,11 @@ class TileSampler:
 
     Each teacher scene is also seen at other pixel sizes: a 30 m scene at 10 m (its labels
     repeated onto the 10 m image it was averaged from, when that is known) and at 60 m; a 10 m
-    scene at 20 and 30 m. Scenes with cloud (``cloudy_share`` of the tiles) and without are
-    drawn in fixed shares, because almost all teacher cloud is in one scene. ``augment`` makes
-    each tile look like another sensor's (:class:`SensorAugment`). ``synthetic`` (a
-    :class:`synthetic.SyntheticClouds`) composites clouds onto ``synthetic_p`` of the tiles
-    drawn from clear scenes.
+    scene at 20 and 30 m (not with ``pixel_sizes=False``). Scenes with cloud (``cloudy_share``
+    of the tiles) and without are drawn in fixed shares, because almost all teacher cloud is in
+    one scene. ``augment`` makes each tile look like another sensor's (:class:`SensorAugment`).
+    ``synthetic`` (a :class:`synthetic.SyntheticClouds`) composites clouds onto ``synthetic_p``
+    of the tiles drawn from clear scenes.
 
     A human-labelled scene, or any view of the UKIS scene (named ``ukis...``, whatever its
     labels), is refused: they are test scenes (UKIS is held out whole, the other sensors' scenes
@@ -442,7 +442,7 @@ class TileSampler:
                  fine: dict[str, np.ndarray] | None = None,
                  synthetic: Callable[[np.ndarray, np.ndarray, np.random.Generator],
                                      tuple[np.ndarray, np.ndarray]] | None = None,
-                 synthetic_p: float = 0.5) -> None:
+                 synthetic_p: float = 0.5, pixel_sizes: bool = True) -> None:
         self.bands = bands
         self.tile = tile
         self.rng = np.random.default_rng(seed)
@@ -459,6 +459,9 @@ class TileSampler:
                                    "the 0.2 recipe that trained on UKIS rows was removed)")
         for scene in scenes:
             variants = [scene]
+            if not pixel_sizes:  # a lever measured on its own (train --one-pixel-size)
+                self.teacher += [scene] if min(scene.labels.shape) >= tile else []
+                continue
             if scene.name in fine:  # the 10 m image this 30 m scene was averaged from
                 f = CSMASK_FACTOR
                 image = fine[scene.name]

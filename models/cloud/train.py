@@ -58,7 +58,8 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
           threads: int = 1, upsample: str = "nearest", width: int = 24,
           augment: str = "sensor-nohaze", agree_s2cloudless: bool = False,
           synthetic_p: float = 0.0, cloud_alpha: float = 0.35,
-          confidence: float = dataset.DISTILL_CONFIDENCE) -> torch.nn.Module:
+          confidence: float = dataset.DISTILL_CONFIDENCE, pixel_sizes: bool = True
+          ) -> torch.nn.Module:
     """Train and save a state_dict to ``out``.
 
     Distillation (version 0.3 on): ukis-csmask teacher labels on the 13-band scene and the
@@ -88,7 +89,8 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
         clouds = SyntheticClouds.from_scene(dataset.s2cloudless_distilled(root), seed=seed,
                                             cloud_alpha=cloud_alpha)
     sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed, augment=aug, fine=fine,
-                                  synthetic=clouds, synthetic_p=synthetic_p)
+                                  synthetic=clouds, synthetic_p=synthetic_p,
+                                  pixel_sizes=pixel_sizes)
     print(f"data: {len(sampler.teacher)} teacher scenes ({time.perf_counter() - t0:.0f} s)",
           flush=True)
     model = build(bands, upsample=upsample, width=width)
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="teacher labels where ukis-csmask is at least this sure")
     parser.add_argument("--upsample", choices=("nearest", "bilinear"), default="nearest",
                         help="the context's last 4x resize (bilinear: the first weights)")
+    parser.add_argument("--one-pixel-size", action="store_true",
+                        help="each teacher scene at its own pixel size only (no 10/20/60 m "
+                             "views): a lever measured on its own")
     parser.add_argument("--width", type=int, default=24,
                         help="channels at full and 1/4 resolution (x1.5 at 1/8, x2 at 1/16)")
     args = parser.parse_args(argv)
@@ -151,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
           cloud_weight=args.cloud_weight, threads=args.threads, upsample=args.upsample,
           width=args.width, augment=args.augment,
           agree_s2cloudless=args.agree_s2cloudless, synthetic_p=args.synthetic,
-          cloud_alpha=args.cloud_alpha, confidence=args.confidence)
+          cloud_alpha=args.cloud_alpha, confidence=args.confidence,
+          pixel_sizes=not args.one_pixel_size)
     # No held-out score here: the held-out scenes are scored once, by evaluate.py.
     return 0
 
