@@ -165,9 +165,7 @@ def _whole_image_run(task: str, dn: np.ndarray, bands: tuple[str, ...]) -> np.nd
 
     engine = _engine(task, "int8")
     try:
-        resolver = SuperResolver(engine)
-        x = resolver.predictor.prepare(Frame(dn, bands, 20.0))
-        return resolver.to_dn(engine.run(x[None])[0], np.uint16).astype(np.float32)
+        return SuperResolver(engine).whole_image(Frame(dn, bands, 20.0)).astype(np.float32)
     finally:
         engine.close()
 

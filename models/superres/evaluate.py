@@ -269,8 +269,7 @@ def _tiled_and_whole(task: str, x: np.ndarray, georef: Any, folder: Path, thread
     try:
         resolver = SuperResolver(engine, overlap=DEFAULT_OVERLAP, tile=tile)
         bands = dataset.BANDS_10 if task == "x2" else dataset.SHARPEN_INPUT
-        model_input = resolver.predictor.prepare(Frame(dn, bands, 20.0))
-        whole = resolver.to_dn(engine.run(model_input[None])[0], np.uint16).astype(np.float32)
+        whole = resolver.whole_image(Frame(dn, bands, 20.0)).astype(np.float32)
         grid = TileGrid(*dn.shape[1:], resolver.tile, resolver.overlap)
         resolver.overlap = 0  # below the context the bundle states: only for the control
         control = resolver.upsample(Frame(dn, bands, 20.0)).pixels.astype(np.float32)
@@ -329,11 +328,11 @@ def seams(root: Path, path: Path, threads: int = 2) -> dict[str, Any]:
             marked = np.stack([greys[0]] * 3)
             # The cores split the grid into rows and columns of tiles: a seam can only be on
             # the lines between them.
-            shown = (2 if task == "x2" else 1) / shrink  # shown pixels per input pixel
+            # One shown pixel per input pixel: x2 doubles the grid and is shown at half size.
             for r in {p.core.row_off for p in grid} - {0}:
-                marked[:, min(int(r * shown), marked.shape[1] - 1)] = [[255], [0], [0]]
+                marked[:, min(r, marked.shape[1] - 1)] = [[255], [0], [0]]
             for c in {p.core.col_off for p in grid} - {0}:
-                marked[:, :, min(int(c * shown), marked.shape[2] - 1)] = [[255], [0], [0]]
+                marked[:, :, min(c, marked.shape[2] - 1)] = [[255], [0], [0]]
             rows.append(panels + [marked, np.stack([greys[1]] * 3)])
     font = ImageFont.load_default(size=15)
     gap, text_h = 8, 44

@@ -234,6 +234,12 @@ class SuperResolver:
 
     # -- tiles, in memory -------------------------------------------------------------------
 
+    def whole_image(self, frame: Frame) -> np.ndarray:
+        """The output DN (the frame's dtype) of one engine run on the whole frame, no tiles:
+        the reference a streamed run (:meth:`upsample`, ``onboard predict``) must reproduce."""
+        x = self.predictor.prepare(frame)
+        return self.to_dn(self.engine.run(x[None])[0], frame.pixels.dtype)
+
     def upsample(self, frame: Frame) -> Frame:
         """The super-resolved frame (DN, the output bands under the frame's names for them,
         georef at the new pixel size)."""
