@@ -46,11 +46,15 @@ def _items(tiles: np.ndarray) -> list[np.ndarray]:
 def quantize_nncf(onnx_path: Path, xml_path: Path, tiles: np.ndarray,
                   validation: list[tuple[np.ndarray, np.ndarray]] | None = None,
                   metric: Callable[[list[np.ndarray], list[np.ndarray]], float] | None = None,
-                  max_drop: float | None = None, seed: int = 0) -> tuple[Path, dict[str, Any]]:
+                  max_drop: float | None = None, seed: int = 0,
+                  only_prefix: str | list[str] | None = None) -> tuple[Path, dict[str, Any]]:
     """INT8 IR of ``onnx_path`` written to ``xml_path``; returns (path, details).
 
     With ``validation``, ``metric`` and ``max_drop`` given, quantisation is accuracy-controlled
-    (absolute drop of ``metric`` on ``validation`` at most ``max_drop``).
+    (absolute drop of ``metric`` on ``validation`` at most ``max_drop``). ``only_prefix`` (the
+    zoo entry's ``extra["int8_only_prefix"]``, ONNX node names as for
+    :func:`quantize.quantize_qdq`) quantises only the convolutions named under it; NNCF's
+    ignored scope keeps every other convolution float.
     """
     import nncf
     import openvino as ov
@@ -62,6 +66,10 @@ def quantize_nncf(onnx_path: Path, xml_path: Path, tiles: np.ndarray,
     calibration = nncf.Dataset(_items(tiles))
     subset = len(tiles)  # all tiles: deterministic and the set is small
     details: dict[str, Any] = {"method": "nncf.quantize", "calibration_tiles": len(tiles)}
+    ignored = _float_convolutions(model, only_prefix, onnx_path)
+    scope = nncf.IgnoredScope(names=ignored) if ignored else None
+    if ignored:
+        details["float_convolutions"] = ignored
     if validation is not None and metric is not None and max_drop is not None:
         def validate(compiled: Any, data: Any) -> float:
             output = compiled.output(0)
@@ -76,16 +84,35 @@ def quantize_nncf(onnx_path: Path, xml_path: Path, tiles: np.ndarray,
             quantized = nncf.quantize_with_accuracy_control(
                 model, calibration, nncf.Dataset(list(validation)), validation_fn=validate,
                 max_drop=float(max_drop), drop_type=nncf.DropType.ABSOLUTE, subset_size=subset,
+                ignored_scope=scope,
             )
         details["method"] = "nncf.quantize_with_accuracy_control"
         details["max_drop"] = float(max_drop)
     else:
         with contextlib.redirect_stdout(sys.stderr):
-            quantized = nncf.quantize(model, calibration, subset_size=subset)
+            quantized = nncf.quantize(model, calibration, subset_size=subset,
+                                      ignored_scope=scope)
     xml_path = Path(xml_path)
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(xml_path), compress_to_fp16=False)
     return xml_path, details
+
+
+def _float_convolutions(model: Any, only_prefix: str | list[str] | None,
+                        onnx_path: Path) -> list[str]:
+    """The OpenVINO names of the convolutions outside ``only_prefix`` (ONNX node names: the
+    converter names a convolution ``<onnx name>/WithoutBiases``). Every prefix must name a
+    convolution, so a renamed export fails here rather than quantising something else."""
+    if only_prefix is None:
+        return []
+    prefixes = (only_prefix,) if isinstance(only_prefix, str) else tuple(only_prefix)
+    convolutions = [op.get_friendly_name() for op in model.get_ordered_ops()
+                    if op.get_type_name() == "Convolution"]
+    kept = [name for name in convolutions if name.startswith(prefixes)]
+    if not kept:
+        raise CompileError(f"{onnx_path}: no convolution is named under {list(prefixes)}; "
+                           "the model's int8_only_prefix does not fit its graph")
+    return [name for name in convolutions if not name.startswith(prefixes)]
 
 
 def _nncf_logs_to_stderr() -> None:

@@ -509,7 +509,8 @@ def _run_steps(model: Any, zoo: ZooModel, options: CompileOptions, steps: _Steps
                          if options.max_drop is not None else ""))
             _, details = openvino.quantize_nncf(
                 onnx_path, xml, tiles, validation=validation if options.max_drop is not None
-                else None, metric=zoo.metric, max_drop=options.max_drop, seed=options.seed)
+                else None, metric=zoo.metric, max_drop=options.max_drop, seed=options.seed,
+                only_prefix=zoo.extra.get("int8_only_prefix"))
             steps.ir_step("ir-int8-nncf", xml, "int8", onnx_path, extra=details,
                           notes=f"{details['method']}; non-quantised ops run f32")
         else:

@@ -289,6 +289,45 @@ def test_sampler_views_each_scene_at_other_pixel_sizes_unless_told_not_to():
     assert views[10.0] == {(10.0, (256, 256)), (20.0, (128, 128)), (30.0, (85, 85))}
 
 
+def test_sampler_sees_a_coarse_scene_finer_when_told():
+    """``finer`` (train --finer): a scene coarser than 30 m (the 73 m 13-band one) is also seen
+    on 2x and 3x finer grids, bilinear, its labels repeated; a 30 m scene is not."""
+    rng = np.random.default_rng(0)
+    image = rng.random((6, 64, 64)).astype(np.float32)
+    labels = (rng.random((64, 64)) < 0.3).astype(np.uint8) * dataset.CLOUD
+    coarse = dataset.LabelledScene("s2cloudless-13band", image, labels, 73.0, human=False)
+    views = {v.name: v for v in dataset.TileSampler([coarse], 4, tile=32, finer=(2, 3)).teacher}
+    assert set(views) == {"s2cloudless-13band", "s2cloudless-13band/x2",
+                          "s2cloudless-13band/x3", "s2cloudless-13band/2"}
+    x3 = views["s2cloudless-13band/x3"]
+    assert x3.gsd_m == pytest.approx(73.0 / 3) and x3.image.shape == (6, 192, 192)
+    assert np.array_equal(x3.labels[1::3, 1::3], labels)
+    # Bilinear with pixel centres kept: the centre of each 3 x 3 block is the coarse pixel.
+    assert np.allclose(x3.image[:, 1::3, 1::3], image, atol=1e-6)
+    assert not np.allclose(x3.image[:, 0::3, 0::3], image, atol=1e-3)
+    thirty = dataset.LabelledScene("oscd-abudhabi-1", image, labels, 30.0, human=False)
+    assert {v.gsd_m for v in dataset.TileSampler([thirty], 4, tile=32, finer=(2, 3)).teacher} \
+        == {30.0, 60.0}
+
+
+def test_thirteen_band_scene_pixel_size(shared_data):
+    """The 13-band scene is sentinelhub-py's Betsiboka request (bbox 0.35 x 0.57 degrees at 512 x
+    856 px): about 73 m a pixel, so the teacher's smoothing disk shrinks to one pixel there."""
+    scene = dataset.s2cloudless_scene(shared_data)
+    assert scene.image.shape[1:] == (856, 512) and scene.gsd_m == dataset.S2C_GSD_M
+    km_per_degree_lon = 111.32 * np.cos(np.radians(15.865))
+    assert 0.35 * km_per_degree_lon * 1000 / 512 == pytest.approx(scene.gsd_m, rel=0.01)
+    assert 0.57 * 110.6 * 1000 / 856 == pytest.approx(scene.gsd_m, rel=0.01)
+    speck = np.zeros((64, 64))
+    speck[32, 32] = 1.0  # one bright pixel: averaged away at either pixel size
+    assert (dataset.labels_from_probability(speck) == dataset.CLOUD).sum() == 0
+    assert (dataset.labels_from_probability(speck, gsd_m=73.0) == dataset.CLOUD).sum() == 0
+    block = np.zeros((64, 64))
+    block[30:35, 30:35] = 1.0  # a 5-pixel cloud: a speck at 10 m, 365 m of cloud at 73 m
+    assert (dataset.labels_from_probability(block) == dataset.CLOUD).sum() < 10
+    assert (dataset.labels_from_probability(block, gsd_m=73.0) == dataset.CLOUD).sum() >= 20
+
+
 def test_missing_data_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="ukis_sentinel2_6band.npz"):
         dataset.ukis_scene(tmp_path)

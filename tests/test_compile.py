@@ -391,6 +391,36 @@ def test_nncf_int8_ir_runs_in_openvino(onnx_fp32: Path, tmp_path: Path,
     assert abs(fp32 - int8) < 0.1
 
 
+def test_nncf_int8_keeps_convolutions_outside_only_prefix_float(onnx_fp32: Path,
+                                                                tmp_path: Path) -> None:
+    """``extra["int8_only_prefix"]`` reaches NNCF as an ignored scope: only the convolutions
+    named under it read quantised inputs; a prefix that names no convolution is refused."""
+    import openvino as ov
+
+    convs = [n.name for n in onnx.load(str(onnx_fp32)).graph.node if n.op_type == "Conv"]
+    tiles = calibration_tiles(DATA, 8)
+
+    def fed_by(xml: Path) -> dict[str, str]:
+        """Each convolution's ONNX name and what feeds its input."""
+        return {op.get_friendly_name().removesuffix("/WithoutBiases"):
+                op.input_value(0).get_node().get_type_name()
+                for op in ov.Core().read_model(str(xml)).get_ops()
+                if op.get_type_name() == "Convolution"}
+
+    def quantised(fed: dict[str, str]) -> set[str]:
+        return {name for name, producer in fed.items() if producer == "FakeQuantize"}
+
+    everything = fed_by(openvino.quantize_nncf(onnx_fp32, tmp_path / "a.xml", tiles)[0])
+    assert set(everything) == set(convs) and len(quantised(everything)) >= 3
+    xml, details = openvino.quantize_nncf(onnx_fp32, tmp_path / "m.xml", tiles,
+                                          only_prefix=[convs[0]])
+    assert quantised(fed_by(xml)) == {convs[0]}
+    assert details["float_convolutions"] == [f"{name}/WithoutBiases" for name in convs[1:]]
+    with pytest.raises(CompileError, match="int8_only_prefix does not fit"):
+        openvino.quantize_nncf(onnx_fp32, tmp_path / "x.xml", tiles[:2],
+                               only_prefix=["/nowhere/"])
+
+
 def test_openvino_fp32_ir_matches_onnx(onnx_fp32: Path, tmp_path: Path,
                                        validation: list) -> None:
     xml = openvino.to_ir(onnx_fp32, tmp_path / "f.xml")

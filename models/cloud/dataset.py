@@ -11,7 +11,7 @@ Sources, all read from ``ONBOARD_DATA`` (``../shared/data``):
   (:func:`oscd_distilled`, cached in ``ONBOARD_CACHE``, default ``~/.cache/onboard``); the
   cities in ``OSCD_HELDOUT`` are never trained or calibrated on. 0.2 used s2cloudless's
   probability (:func:`oscd_scene`, :func:`labels_from_probability`); the 13-band scene's
-  s2cloudless labels still serve the agreement filter (:func:`with_s2cloudless_agreement`).
+  s2cloudless labels also serve as a second teacher (:func:`with_s2cloudless`).
 
 Teacher probabilities become labels by :func:`labels_from_probability` (smoothed, with an
 uncertain band ignored, and clear for sure far from any cloud).
@@ -50,6 +50,10 @@ _S2C_13_INDEX = {"B02": 1, "B03": 2, "B04": 3, "B08": 7, "B11": 11, "B12": 12}
 TEACHER_RADIUS = 4
 TEACHER_CLEAR, TEACHER_CLOUD = 0.3, 0.5
 SHADOW_REACH_PX = 200
+# The 13-band scene is sentinelhub-py's Betsiboka test request: bbox (46.16, -16.15, 46.51,
+# -15.58) WGS84 at 512 x 856 pixels (sentinelhub-py's tests), 37.5 km x 63 km, so about 73 m
+# per pixel. Until session 10 it was taken for 10 m.
+S2C_GSD_M = 73.0
 # ukis-csmask as teacher: run at 30 m (OSCD averaged 3 x 3), labels where it is this sure.
 CSMASK_FACTOR = 3
 CSMASK_CONFIDENCE = 0.6
@@ -109,9 +113,9 @@ def s2cloudless_scene(root: str | Path | None = None) -> LabelledScene:
     image = np.ascontiguousarray(
         np.stack([im[..., _S2C_13_INDEX[b]] for b in S2_MODEL_BANDS]), dtype=np.float32
     )
-    labels = labels_from_probability(data["cl_probs"][0])
+    labels = labels_from_probability(data["cl_probs"][0], gsd_m=S2C_GSD_M)
     idx = [0, 1, 3, 4, 7, 8, 9, 10, 11, 12]  # the 10 s2cloudless bands within the 13
-    return LabelledScene("s2cloudless-13band", image, labels, 10.0, human=False,
+    return LabelledScene("s2cloudless-13band", image, labels, S2C_GSD_M, human=False,
                          s2c_bands=np.ascontiguousarray(im[..., idx], dtype=np.float32))
 
 
@@ -138,11 +142,13 @@ def teacher_labels(s2c_bands: np.ndarray) -> np.ndarray:
     return detector.get_cloud_masks(s2c_bands[None])[0].astype(np.uint8)
 
 
-def labels_from_probability(prob: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-    """Training and agreement labels from s2cloudless's probability at 10 m.
+def labels_from_probability(prob: np.ndarray, valid: np.ndarray | None = None,
+                            gsd_m: float = 10.0) -> np.ndarray:
+    """Training and agreement labels from s2cloudless's probability at ``gsd_m``.
 
     Per pixel at 10 m the probability is speckled (bright roofs read as cloud), so it is first
-    averaged over a disk of radius TEACHER_RADIUS (s2cloudless's own ``average_over``). Cloud
+    averaged over a disk of radius TEACHER_RADIUS 10 m pixels (s2cloudless's own
+    ``average_over``; at least one pixel at coarser grids). Cloud
     where the average is at least TEACHER_CLOUD, not cloud below TEACHER_CLEAR, ignored in
     between. "Not cloud" farther than SHADOW_REACH from any cloud is clear for sure (no shadow
     without a cloud); nearer it stays NOT_CLOUD (clear or shadow: the teacher cannot say).
@@ -150,8 +156,10 @@ def labels_from_probability(prob: np.ndarray, valid: np.ndarray | None = None) -
     import cv2
     from scipy.ndimage import distance_transform_edt
 
-    disk = cv2.circle(np.zeros((2 * TEACHER_RADIUS + 1,) * 2, np.uint8),
-                      (TEACHER_RADIUS, TEACHER_RADIUS), TEACHER_RADIUS, color=1, thickness=-1)
+    radius = max(1, round(TEACHER_RADIUS * 10.0 / gsd_m))
+    reach = SHADOW_REACH_PX * 10.0 / gsd_m
+    disk = cv2.circle(np.zeros((2 * radius + 1,) * 2, np.uint8),
+                      (radius, radius), radius, color=1, thickness=-1)
     disk = disk.astype(np.float32) / disk.sum()
     smooth = cv2.filter2D(prob.astype(np.float32), -1, disk, borderType=cv2.BORDER_REFLECT)
     cloud = smooth >= TEACHER_CLOUD
@@ -162,7 +170,7 @@ def labels_from_probability(prob: np.ndarray, valid: np.ndarray | None = None) -
     # erosion by 2 pixels count for "near a cloud".
     core = cv2.erode(cloud.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     if core.any():
-        far = distance_transform_edt(~core) > SHADOW_REACH_PX
+        far = distance_transform_edt(~core) > reach
     else:
         far = np.ones(prob.shape, bool)
     labels[not_cloud & far] = CLEAR
@@ -281,19 +289,47 @@ def s2cloudless_distilled(root: str | Path | None = None,
         np.savez_compressed(tmp, prob=prob.astype(np.float16))
         tmp.replace(cache)
     labels = csmask_labels(prob, None, confidence)
-    return LabelledScene("s2cloudless-13band", scene.image, labels, 10.0, human=False)
+    return LabelledScene("s2cloudless-13band", scene.image, labels, S2C_GSD_M, human=False)
 
 
-def with_s2cloudless_agreement(scene: LabelledScene, root: str | Path | None = None
-                               ) -> LabelledScene:
-    """The 13-band scene's teacher labels kept only where s2cloudless (its own smoothed
-    probability, :func:`labels_from_probability`) agrees on cloud / not cloud."""
-    second = s2cloudless_scene(root).labels
-    labels = scene.labels.copy()
-    disagree = ((labels == CLOUD) & (second != CLOUD)) | (
-        np.isin(labels, (CLEAR, SHADOW)) & (second == CLOUD))
-    labels[disagree | (second == IGNORE)] = IGNORE
-    return LabelledScene(scene.name + "+s2cloudless", scene.image, labels, scene.gsd_m, False)
+S2CLOUDLESS_MODES = ("agree-13band", "agree", "union")
+
+
+def with_s2cloudless(scenes: list[LabelledScene], mode: str,
+                     root: str | Path | None = None) -> list[LabelledScene]:
+    """The distillation scenes with s2cloudless as a second teacher (its own smoothed
+    probability, :func:`labels_from_probability`; the training OSCD dates at 30 m by a 75 %
+    majority of its 10 m labels).
+
+    ``agree-13band``: the 13-band scene's labels kept only where s2cloudless agrees on cloud /
+    not cloud (version 0.3's filter). ``agree``: the same on every scene. ``union``: cloud
+    wherever either teacher says cloud (s2cloudless also flags the thin cloud and haze that
+    ukis-csmask calls clear), ukis-csmask's labels elsewhere.
+    """
+    if mode not in S2CLOUDLESS_MODES:
+        raise ValueError(f"mode must be one of {S2CLOUDLESS_MODES}, got {mode!r}")
+    out = []
+    for scene in scenes:
+        if scene.name == "s2cloudless-13band":
+            second = s2cloudless_scene(root).labels
+        elif mode == "agree-13band":
+            out.append(scene)
+            continue
+        else:
+            _, city, date = scene.name.rsplit("-", 2)
+            second = _pool_labels(oscd_scene(city, int(date), root).labels, CSMASK_FACTOR)
+            h, w = scene.labels.shape
+            second = second[:h, :w]
+        labels = scene.labels.copy()
+        if mode == "union":
+            labels[second == CLOUD] = CLOUD
+        else:
+            disagree = ((labels == CLOUD) & (second != CLOUD)) | (
+                np.isin(labels, (CLEAR, SHADOW)) & (second == CLOUD))
+            labels[disagree | (second == IGNORE)] = IGNORE
+        # The name stays: it keys the scene's 10 m image (fine_images).
+        out.append(LabelledScene(scene.name, scene.image, labels, scene.gsd_m, False))
+    return out
 
 
 def distillation_scenes(root: str | Path | None = None,
@@ -415,6 +451,15 @@ class SensorAugment:
         return np.ascontiguousarray(x, np.float32)
 
 
+def _upsample_image(image: np.ndarray, f: int) -> np.ndarray:
+    """``image`` on an ``f`` x finer grid, bilinear (pixel centres kept: OpenCV's resize)."""
+    import cv2
+
+    h, w = image.shape[1] * f, image.shape[2] * f
+    return np.stack([cv2.resize(band, (w, h), interpolation=cv2.INTER_LINEAR)
+                     for band in image]).astype(np.float32)
+
+
 def _repeat_labels(labels: np.ndarray, f: int) -> np.ndarray:
     return np.repeat(np.repeat(labels, f, axis=0), f, axis=1)
 
@@ -424,11 +469,12 @@ class TileSampler:
 
     Each teacher scene is also seen at other pixel sizes: a 30 m scene at 10 m (its labels
     repeated onto the 10 m image it was averaged from, when that is known) and at 60 m; a 10 m
-    scene at 20 and 30 m (not with ``pixel_sizes=False``). Scenes with cloud (``cloudy_share``
-    of the tiles) and without are drawn in fixed shares, because almost all teacher cloud is in
-    one scene. ``augment`` makes each tile look like another sensor's (:class:`SensorAugment`).
-    ``synthetic`` (a :class:`synthetic.SyntheticClouds`) composites clouds onto ``synthetic_p``
-    of the tiles drawn from clear scenes.
+    scene at 20 and 30 m (not with ``pixel_sizes=False``); a scene coarser than 30 m (the 73 m
+    13-band one) also ``finer`` times finer, bilinear, its labels repeated. Scenes with cloud
+    (``cloudy_share`` of the tiles) and without are drawn in fixed shares, because almost all
+    teacher cloud is in one scene. ``augment`` makes each tile look like another sensor's
+    (:class:`SensorAugment`). ``synthetic`` (a :class:`synthetic.SyntheticClouds`) composites
+    clouds onto ``synthetic_p`` of the tiles drawn from clear scenes.
 
     A human-labelled scene, or any view of the UKIS scene (named ``ukis...``, whatever its
     labels), is refused: they are test scenes (UKIS is held out whole, the other sensors' scenes
@@ -442,7 +488,8 @@ class TileSampler:
                  fine: dict[str, np.ndarray] | None = None,
                  synthetic: Callable[[np.ndarray, np.ndarray, np.random.Generator],
                                      tuple[np.ndarray, np.ndarray]] | None = None,
-                 synthetic_p: float = 0.5, pixel_sizes: bool = True) -> None:
+                 synthetic_p: float = 0.5, pixel_sizes: bool = True,
+                 finer: tuple[int, ...] = ()) -> None:
         self.bands = bands
         self.tile = tile
         self.rng = np.random.default_rng(seed)
@@ -469,6 +516,10 @@ class TileSampler:
                 variants.append(LabelledScene(f"{scene.name}/fine", image[:, :h, :w],
                                               _repeat_labels(scene.labels, f),
                                               scene.gsd_m / f, False))
+            if scene.gsd_m > 30:  # a coarse scene also at pixel sizes near the flown ones
+                variants += [LabelledScene(f"{scene.name}/x{f}", _upsample_image(scene.image, f),
+                                           _repeat_labels(scene.labels, f), scene.gsd_m / f,
+                                           False) for f in finer]
             factors = (2,) if scene.gsd_m >= 30 else (2, 3)
             for f in factors:
                 variants.append(LabelledScene(f"{scene.name}/{f}", _pool_image(scene.image, f),

@@ -95,8 +95,10 @@ def load_model(bands: int, weights: Path | None = None) -> Any:
     from onboard.models.cloud.model import build
     from onboard.models.cloud.train import weights_path
 
-    model = build(bands)
-    model.load_state_dict(torch.load(weights or weights_path(bands), weights_only=True))
+    path = Path(weights or weights_path(bands))
+    options = path.with_suffix(".json")  # train.py's record of non-default architectures
+    model = build(bands, **(json.loads(options.read_text()) if options.exists() else {}))
+    model.load_state_dict(torch.load(path, weights_only=True))
     return model.eval()
 
 

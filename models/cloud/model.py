@@ -33,15 +33,19 @@ def _conv(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -
 
 
 class CloudNet(nn.Module):
-    def __init__(self, in_bands: int = 4, width: int = 24, upsample: str = "nearest") -> None:
+    def __init__(self, in_bands: int = 4, width: int = 24, upsample: str = "nearest",
+                 pixel_kernel: int = 1) -> None:
         super().__init__()
         if upsample not in ("nearest", "bilinear"):
             raise ValueError(f"upsample must be 'nearest' or 'bilinear', got {upsample!r}")
+        if pixel_kernel not in (1, 3):
+            raise ValueError(f"pixel_kernel must be 1 or 3, got {pixel_kernel}")
         w = width
         self.in_bands = in_bands
         self.upsample = upsample
-        # Full resolution, per pixel.
-        self.pix = _conv(in_bands, w, 1)
+        # Full resolution: per pixel, or (pixel_kernel 3) with its 8 neighbours, which lets a
+        # pixel at a cloud's edge overrule the context's 4 x 4 blocks.
+        self.pix = _conv(in_bands, w, pixel_kernel)
         self.pix2 = _conv(w, w, 1)
         self.head = _conv(w, NUM_CLASSES, 1)
         # Context: 1/4 -> 1/8 -> 1/16 and back to 1/4.
@@ -73,8 +77,10 @@ class CloudNet(nn.Module):
         return self.head(h)
 
 
-def build(in_bands: int = 4, upsample: str = "nearest", width: int = 24) -> CloudNet:
-    return CloudNet(in_bands=in_bands, width=width, upsample=upsample)
+def build(in_bands: int = 4, upsample: str = "nearest", width: int = 24,
+          pixel_kernel: int = 1) -> CloudNet:
+    return CloudNet(in_bands=in_bands, width=width, upsample=upsample,
+                    pixel_kernel=pixel_kernel)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -16,6 +16,7 @@ was removed once the UKIS scene became a whole held-out test scene; it is in com
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -55,17 +56,18 @@ def loss(logits: torch.Tensor, labels: torch.Tensor,
 
 def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
           root: Path | None, out: Path, log_every: int = 50, cloud_weight: float | None = None,
-          threads: int = 1, upsample: str = "nearest", width: int = 24,
-          augment: str = "sensor-nohaze", agree_s2cloudless: bool = False,
+          threads: int = 1, upsample: str = "nearest", width: int = 24, pixel_kernel: int = 1,
+          augment: str = "sensor-nohaze", s2cloudless: str | None = None,
           synthetic_p: float = 0.0, cloud_alpha: float = 0.35,
-          confidence: float = dataset.DISTILL_CONFIDENCE, pixel_sizes: bool = True
-          ) -> torch.nn.Module:
+          confidence: float = dataset.DISTILL_CONFIDENCE, pixel_sizes: bool = True,
+          finer: tuple[int, ...] = ()) -> torch.nn.Module:
     """Train and save a state_dict to ``out``.
 
     Distillation (version 0.3 on): ukis-csmask teacher labels on the 13-band scene and the
     training OSCD cities, no human-labelled pixel (UKIS is held out whole). ``augment``
     "sensor" adds :class:`dataset.SensorAugment`; "gain" keeps 0.2's random gains only.
-    ``agree_s2cloudless`` ignores 13-band pixels where s2cloudless disagrees with the teacher.
+    ``s2cloudless`` (a mode of :func:`dataset.with_s2cloudless`) adds s2cloudless as a second
+    teacher.
     ``synthetic_p`` > 0 composites synthetic clouds and shadows (:mod:`synthetic`, spectra from
     the 13-band scene's thick clouds) onto that share of the tiles drawn from clear scenes.
     """
@@ -75,8 +77,8 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
     t0 = time.perf_counter()
     scenes = dataset.distillation_scenes(root, confidence)
     fine = dataset.fine_images(root)
-    if agree_s2cloudless:
-        scenes[0] = dataset.with_s2cloudless_agreement(scenes[0], root)
+    if s2cloudless:
+        scenes = dataset.with_s2cloudless(scenes, s2cloudless, root)
     aug = {"sensor": dataset.SensorAugment(), "sensor-nohaze": dataset.SensorAugment(haze_p=0.0),
            "gain": dataset.SensorAugment.none()}[augment]
     weights = dict(CLASS_WEIGHTS)
@@ -90,10 +92,10 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
                                             cloud_alpha=cloud_alpha)
     sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed, augment=aug, fine=fine,
                                   synthetic=clouds, synthetic_p=synthetic_p,
-                                  pixel_sizes=pixel_sizes)
+                                  pixel_sizes=pixel_sizes, finer=finer)
     print(f"data: {len(sampler.teacher)} teacher scenes ({time.perf_counter() - t0:.0f} s)",
           flush=True)
-    model = build(bands, upsample=upsample, width=width)
+    model = build(bands, upsample=upsample, width=width, pixel_kernel=pixel_kernel)
     print(f"model: {count_parameters(model)} parameters, {bands} bands", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
@@ -117,6 +119,9 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
             running = 0.0
     model.eval()
     torch.save(model.state_dict(), out)
+    # What the weights need to be rebuilt (evaluate.load_model): the architecture's options.
+    out.with_suffix(".json").write_text(json.dumps({"upsample": upsample, "width": width,
+                                                     "pixel_kernel": pixel_kernel}) + "\n")
     print(f"saved {out} after {time.perf_counter() - t0:.0f} s", flush=True)
     return model
 
@@ -135,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     parser.add_argument("--augment", choices=("sensor", "sensor-nohaze", "gain"),
                         default="sensor-nohaze")
-    parser.add_argument("--agree-s2cloudless", action="store_true",
-                        help="ignore 13-band pixels where s2cloudless and the teacher disagree")
+    parser.add_argument("--s2cloudless", choices=dataset.S2CLOUDLESS_MODES, default=None,
+                        help="s2cloudless as a second teacher: agree-13band / agree (ignore "
+                             "pixels where the two disagree), union (cloud where either says so)")
     parser.add_argument("--synthetic", type=float, default=0.0, metavar="P",
                         help="composite synthetic clouds onto this share of the clear tiles")
     parser.add_argument("--cloud-alpha", type=float, default=0.35,
@@ -150,14 +156,20 @@ def main(argv: list[str] | None = None) -> int:
                              "views): a lever measured on its own")
     parser.add_argument("--width", type=int, default=24,
                         help="channels at full and 1/4 resolution (x1.5 at 1/8, x2 at 1/16)")
+    parser.add_argument("--finer", type=int, nargs="*", default=[],
+                        help="also see the 73 m cloudy scene this many times finer (e.g. 2 3: "
+                             "about 37 and 24 m), its labels repeated")
+    parser.add_argument("--pixel-kernel", type=int, choices=(1, 3), default=1,
+                        help="the full-resolution path's first convolution: 1 x 1, or 3 x 3 "
+                             "(each pixel with its neighbours)")
     args = parser.parse_args(argv)
     out = args.out or weights_path(args.bands)
     train(args.bands, args.steps, args.batch, args.tile, args.lr, args.seed, args.data, out,
           cloud_weight=args.cloud_weight, threads=args.threads, upsample=args.upsample,
-          width=args.width, augment=args.augment,
-          agree_s2cloudless=args.agree_s2cloudless, synthetic_p=args.synthetic,
+          width=args.width, pixel_kernel=args.pixel_kernel, augment=args.augment,
+          s2cloudless=args.s2cloudless, synthetic_p=args.synthetic,
           cloud_alpha=args.cloud_alpha, confidence=args.confidence,
-          pixel_sizes=not args.one_pixel_size)
+          pixel_sizes=not args.one_pixel_size, finer=tuple(args.finer))
     # No held-out score here: the held-out scenes are scored once, by evaluate.py.
     return 0
 
