@@ -142,6 +142,42 @@ def test_loss_marginalises_teacher_labels():
     assert float(loss(logits, torch.tensor([[[255]]]))) == 0.0
 
 
+def test_soft_loss_is_the_hard_loss_on_one_hot_targets_and_follows_the_teacher():
+    from onboard.models.cloud.train import soft_loss
+
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]).T.reshape(1, 3, 1, 2)
+    labels = torch.tensor([[[1, 2]]])
+    one_hot = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    assert float(soft_loss(logits, labels, one_hot)) == pytest.approx(float(loss(logits, labels)))
+    # Against a teacher unsure between clear and cloud, the loss is lowest where the student
+    # is unsure too, not where it copies the argmax.
+    teacher = torch.tensor([0.45, 0.55, 0.0]).reshape(1, 3, 1, 1)
+    unsure = torch.log(torch.tensor([0.45, 0.55, 1e-6])).reshape(1, 3, 1, 1)
+    sure = torch.log(torch.tensor([0.01, 0.99 - 1e-6, 1e-6])).reshape(1, 3, 1, 1)
+    one = torch.tensor([[[1]]])
+    assert float(soft_loss(unsure, one, teacher)) < float(soft_loss(sure, one, teacher))
+    assert float(soft_loss(sure, torch.tensor([[[255]]]), teacher)) == 0.0
+
+
+def test_soft_batches_carry_the_teachers_probabilities(shared_data):
+    """Every view of a teacher scene keeps its probabilities aligned with its labels (the
+    argmax), through crops, turns, flips, pooling and repeats."""
+    scenes = [dataset.s2cloudless_distilled(shared_data),
+              dataset.oscd_distilled("saclay_w", 1, shared_data)]
+    fine = {"oscd-saclay_w-1": dataset.oscd_csmask("saclay_w", 1, shared_data)[0]}
+    sampler = dataset.TileSampler(scenes, 4, tile=64, fine=fine, finer=(2,))
+    assert all(v.soft is not None and v.soft.shape[1:] == v.labels.shape
+               for v in sampler.teacher)
+    x, y, p = sampler.soft_batch(12)
+    assert p.shape == (12, 3, 64, 64) and np.allclose(p.sum(1), 1.0, atol=0.02)
+    sure = (y != dataset.IGNORE) & (p.max(1) > 0.9)
+    assert sure.mean() > 0.5 and (p.argmax(1)[sure] == y[sure]).all()
+    # The hard batches are unchanged by the soft path: same seed, same tiles.
+    again = dataset.TileSampler(scenes, 4, tile=64, fine=fine, finer=(2,))
+    hx, hy = again.batch(12)
+    assert np.array_equal(hx, x) and np.array_equal(hy, y)
+
+
 @pytest.mark.parametrize("name,bands", [("cloud-4band", 4), ("cloud-6band", 6)])
 def test_zoo_entries_agree_with_the_shipped_bundles(name, bands):
     """What the compiler would write for the entry is what the flight bundles declare."""

@@ -102,7 +102,8 @@ BANDS = {4: ["blue", "green", "red", "nir"], 6: ["blue", "green", "red", "nir", 
 # city (7 % of the held-out hongkong-1 date called cloud, 0.1 % in fp32; card.md). The context
 # path keeps INT8 weights (weight-only: rounding its weights alone costs nothing measurable).
 PIXEL_PATH_NODES = ["/pix/Conv", "/Add", "/Relu_8", "/pix2/Conv", "/Relu_9", "/head/Conv"]
-INT8_EXTRA = {4: {"int8_only_prefix": PIXEL_PATH_NODES, "int8_weights_elsewhere": True}, 6: {}}
+INT8_EXTRA = {b: {"int8_only_prefix": PIXEL_PATH_NODES, "int8_weights_elsewhere": True}
+              for b in (4, 6)}
 
 for _bands in (4, 6):
     register(ZooModel(

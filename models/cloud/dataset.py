@@ -72,6 +72,8 @@ class LabelledScene:
     gsd_m: float
     human: bool  # True: human reference masks; False: s2cloudless teacher labels
     s2c_bands: np.ndarray | None = None  # (H, W, 10) float32 for running s2cloudless
+    # (3, H, W) the teacher's probabilities of clear, cloud and shadow (soft distillation)
+    soft: np.ndarray | None = None
 
 
 def data_root(root: str | Path | None = None) -> Path:
@@ -269,7 +271,8 @@ def oscd_distilled(city: str, date: int, root: str | Path | None = None,
     image, prob, valid = oscd_csmask(city, date, root)
     image30 = _pool_image(image, CSMASK_FACTOR)
     labels = csmask_labels(prob, _pool_valid(valid, CSMASK_FACTOR), confidence)
-    return LabelledScene(f"oscd-{city}-{date}", image30, labels, 30.0, human=False)
+    return LabelledScene(f"oscd-{city}-{date}", image30, labels, 30.0, human=False,
+                         soft=prob[:, : labels.shape[0], : labels.shape[1]])
 
 
 def s2cloudless_distilled(root: str | Path | None = None,
@@ -289,7 +292,8 @@ def s2cloudless_distilled(root: str | Path | None = None,
         np.savez_compressed(tmp, prob=prob.astype(np.float16))
         tmp.replace(cache)
     labels = csmask_labels(prob, None, confidence)
-    return LabelledScene("s2cloudless-13band", scene.image, labels, S2C_GSD_M, human=False)
+    return LabelledScene("s2cloudless-13band", scene.image, labels, S2C_GSD_M, human=False,
+                         soft=prob)
 
 
 S2CLOUDLESS_MODES = ("agree-13band", "agree", "union")
@@ -328,7 +332,8 @@ def with_s2cloudless(scenes: list[LabelledScene], mode: str,
                 np.isin(labels, (CLEAR, SHADOW)) & (second == CLOUD))
             labels[disagree | (second == IGNORE)] = IGNORE
         # The name stays: it keys the scene's 10 m image (fine_images).
-        out.append(LabelledScene(scene.name, scene.image, labels, scene.gsd_m, False))
+        out.append(LabelledScene(scene.name, scene.image, labels, scene.gsd_m, False,
+                                 soft=None))  # the labels no longer are the soft ones' argmax
     return out
 
 
@@ -464,6 +469,10 @@ def _repeat_labels(labels: np.ndarray, f: int) -> np.ndarray:
     return np.repeat(np.repeat(labels, f, axis=0), f, axis=1)
 
 
+def _repeat_soft(soft: np.ndarray | None, f: int) -> np.ndarray | None:
+    return None if soft is None else np.repeat(np.repeat(soft, f, axis=1), f, axis=2)
+
+
 class TileSampler:
     """Random augmented training tiles from teacher-labelled training scenes only.
 
@@ -515,16 +524,19 @@ class TileSampler:
                 h, w = scene.labels.shape[0] * f, scene.labels.shape[1] * f
                 variants.append(LabelledScene(f"{scene.name}/fine", image[:, :h, :w],
                                               _repeat_labels(scene.labels, f),
-                                              scene.gsd_m / f, False))
+                                              scene.gsd_m / f, False,
+                                              soft=_repeat_soft(scene.soft, f)))
             if scene.gsd_m > 30:  # a coarse scene also at pixel sizes near the flown ones
                 variants += [LabelledScene(f"{scene.name}/x{f}", _upsample_image(scene.image, f),
                                            _repeat_labels(scene.labels, f), scene.gsd_m / f,
-                                           False) for f in finer]
+                                           False, soft=_repeat_soft(scene.soft, f))
+                             for f in finer]
             factors = (2,) if scene.gsd_m >= 30 else (2, 3)
             for f in factors:
                 variants.append(LabelledScene(f"{scene.name}/{f}", _pool_image(scene.image, f),
                                               _pool_labels(scene.labels, f), scene.gsd_m * f,
-                                              False))
+                                              False, soft=None if scene.soft is None
+                                              else _pool_image(scene.soft, f)))
             self.teacher += [v for v in variants if min(v.labels.shape) >= tile]
         cloudy = np.array([float(np.mean(s.labels == CLOUD)) > 0.02 for s in self.teacher])
         self.teacher_cloudy = cloudy
@@ -539,32 +551,59 @@ class TileSampler:
     def tile_from(self, scene: LabelledScene, clouds: bool = False
                   ) -> tuple[np.ndarray, np.ndarray]:
         """A random tile of ``scene``; ``clouds``: with synthetic clouds composited on."""
+        x, y, _ = self._tile(scene, clouds, soft=False)
+        return x, y
+
+    def _tile(self, scene: LabelledScene, clouds: bool, soft: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         t = self.tile
         h, w = scene.labels.shape
         r = int(self.rng.integers(0, h - t + 1))
         c = int(self.rng.integers(0, w - t + 1))
         x = scene.image[: self.bands, r : r + t, c : c + t].astype(np.float32)
         y = scene.labels[r : r + t, c : c + t].copy()
+        p = None
+        if soft:
+            if scene.soft is None:
+                raise SceneError(None, f"{scene.name}: no teacher probabilities for soft targets")
+            p = scene.soft[:, r : r + t, c : c + t].astype(np.float32)
         k = int(self.rng.integers(0, 4))
         x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
+        p = None if p is None else np.rot90(p, k, axes=(1, 2))
         if self.rng.random() < 0.5:
             x, y = x[:, :, ::-1], y[:, ::-1]
+            p = None if p is None else p[:, :, ::-1]
         if clouds:
             x, y = self.synthetic(np.ascontiguousarray(x), np.ascontiguousarray(y), self.rng)
         x = self.augment(np.ascontiguousarray(x), self.rng)
-        return x, np.ascontiguousarray(y)
+        return x, np.ascontiguousarray(y), None if p is None else np.ascontiguousarray(p)
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
+        x, y, _ = self._batch(n, soft=False)
+        return x, y
+
+    def soft_batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like :meth:`batch`, with the teacher's probabilities (N, 3, t, t) as a third array
+        (soft distillation); every teacher scene must carry them."""
+        x, y, p = self._batch(n, soft=True)
+        assert p is not None
+        return x, y, p
+
+    def _batch(self, n: int, soft: bool
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        xs, ys, ps = [], [], []
         for _ in range(n):
             index = int(self.rng.choice(len(self.teacher), p=self.teacher_p))
             scene = self.teacher[index]
             clouds = (self.synthetic is not None and not self.teacher_cloudy[index]
                       and self.rng.random() < self.synthetic_p)
-            x, y = self.tile_from(scene, clouds)
+            if soft and clouds:
+                raise SceneError(None, "synthetic clouds have no teacher probabilities")
+            x, y, p = self._tile(scene, clouds, soft)
             xs.append(x)
             ys.append(y)
-        return np.stack(xs), np.stack(ys)
+            ps.append(p)
+        return np.stack(xs), np.stack(ys), np.stack(ps) if soft else None
 
 
 def fine_images(root: str | Path | None = None) -> dict[str, np.ndarray]:

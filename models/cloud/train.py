@@ -54,20 +54,36 @@ def loss(logits: torch.Tensor, labels: torch.Tensor,
     return (nll * weight).sum() / weight.sum().clamp(min=1.0)
 
 
+def soft_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
+              class_weights: dict[int, float] | None = None) -> torch.Tensor:
+    """Cross-entropy against the teacher's probabilities ``targets`` (N, 3, H, W), each pixel
+    weighted as its hard label (the teacher's argmax) is in :func:`loss`; 255 ignored."""
+    class_weights = CLASS_WEIGHTS if class_weights is None else class_weights
+    labels = torch.as_tensor(labels, device=logits.device).long()
+    logp = F.log_softmax(logits.float(), dim=1)
+    nll = -(targets.to(logp) * logp).sum(1)
+    weight = torch.zeros_like(nll)
+    for value, w in class_weights.items():
+        weight = torch.where(labels == value, torch.full_like(nll, w), weight)
+    return (nll * weight).sum() / weight.sum().clamp(min=1.0)
+
+
 def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
           root: Path | None, out: Path, log_every: int = 50, cloud_weight: float | None = None,
           threads: int = 1, upsample: str = "nearest", width: int = 24, pixel_kernel: int = 1,
           augment: str = "sensor-nohaze", s2cloudless: str | None = None,
           synthetic_p: float = 0.0, cloud_alpha: float = 0.35,
           confidence: float = dataset.DISTILL_CONFIDENCE, pixel_sizes: bool = True,
-          finer: tuple[int, ...] = ()) -> torch.nn.Module:
+          finer: tuple[int, ...] = (), soft: bool = False, cloudy_share: float = 0.5
+          ) -> torch.nn.Module:
     """Train and save a state_dict to ``out``.
 
     Distillation (version 0.3 on): ukis-csmask teacher labels on the 13-band scene and the
     training OSCD cities, no human-labelled pixel (UKIS is held out whole). ``augment``
     "sensor" adds :class:`dataset.SensorAugment`; "gain" keeps 0.2's random gains only.
     ``s2cloudless`` (a mode of :func:`dataset.with_s2cloudless`) adds s2cloudless as a second
-    teacher.
+    teacher. ``soft``: the teacher's probabilities as targets (:func:`soft_loss`), not its
+    argmax.
     ``synthetic_p`` > 0 composites synthetic clouds and shadows (:mod:`synthetic`, spectra from
     the 13-band scene's thick clouds) onto that share of the tiles drawn from clear scenes.
     """
@@ -92,7 +108,8 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
                                             cloud_alpha=cloud_alpha)
     sampler = dataset.TileSampler(scenes, bands, tile=tile, seed=seed, augment=aug, fine=fine,
                                   synthetic=clouds, synthetic_p=synthetic_p,
-                                  pixel_sizes=pixel_sizes, finer=finer)
+                                  pixel_sizes=pixel_sizes, finer=finer,
+                                  cloudy_share=cloudy_share)
     print(f"data: {len(sampler.teacher)} teacher scenes ({time.perf_counter() - t0:.0f} s)",
           flush=True)
     model = build(bands, upsample=upsample, width=width, pixel_kernel=pixel_kernel)
@@ -104,9 +121,14 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
     running = 0.0
     t1 = time.perf_counter()
     for step in range(1, steps + 1):
-        x, y = sampler.batch(batch)
-        logits = model(torch.from_numpy(x))
-        value = loss(logits, torch.from_numpy(y), weights)
+        if soft:
+            x, y, p = sampler.soft_batch(batch)
+            logits = model(torch.from_numpy(x))
+            value = soft_loss(logits, torch.from_numpy(y), torch.from_numpy(p), weights)
+        else:
+            x, y = sampler.batch(batch)
+            logits = model(torch.from_numpy(x))
+            value = loss(logits, torch.from_numpy(y), weights)
         opt.zero_grad()
         value.backward()
         opt.step()
@@ -159,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finer", type=int, nargs="*", default=[],
                         help="also see the 73 m cloudy scene this many times finer (e.g. 2 3: "
                              "about 37 and 24 m), its labels repeated")
+    parser.add_argument("--cloudy-share", type=float, default=0.5,
+                        help="share of the tiles drawn from scenes with cloud (the rest clear)")
+    parser.add_argument("--soft", action="store_true",
+                        help="soft distillation: the teacher's probabilities as targets")
     parser.add_argument("--pixel-kernel", type=int, choices=(1, 3), default=1,
                         help="the full-resolution path's first convolution: 1 x 1, or 3 x 3 "
                              "(each pixel with its neighbours)")
@@ -169,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
           width=args.width, pixel_kernel=args.pixel_kernel, augment=args.augment,
           s2cloudless=args.s2cloudless, synthetic_p=args.synthetic,
           cloud_alpha=args.cloud_alpha, confidence=args.confidence,
-          pixel_sizes=not args.one_pixel_size, finer=tuple(args.finer))
+          pixel_sizes=not args.one_pixel_size, finer=tuple(args.finer),
+          soft=args.soft, cloudy_share=args.cloudy_share)
     # No held-out score here: the held-out scenes are scored once, by evaluate.py.
     return 0
 
