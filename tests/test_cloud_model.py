@@ -142,6 +142,20 @@ def test_loss_marginalises_teacher_labels():
     assert float(loss(logits, torch.tensor([[[255]]]))) == 0.0
 
 
+def test_normalise_lever_z_scores_the_input_and_is_off_by_default():
+    torch.manual_seed(0)
+    plain = build(4)
+    assert not plain.normalise
+    mean, std = [0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 2.0, 1.0]
+    scored = build(4, input_mean=mean, input_std=std)
+    scored.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.rand(1, 4, 32, 32)
+    z = (x - torch.tensor(mean).reshape(1, 4, 1, 1)) / torch.tensor(std).reshape(1, 4, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(scored(x), plain(z), atol=1e-5)
+        assert not torch.allclose(scored(x), plain(x), atol=1e-3)
+
+
 def test_soft_loss_is_the_hard_loss_on_one_hot_targets_and_follows_the_teacher():
     from onboard.models.cloud.train import soft_loss
 

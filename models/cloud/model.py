@@ -34,7 +34,8 @@ def _conv(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -
 
 class CloudNet(nn.Module):
     def __init__(self, in_bands: int = 4, width: int = 24, upsample: str = "nearest",
-                 pixel_kernel: int = 1) -> None:
+                 pixel_kernel: int = 1, input_mean: list[float] | None = None,
+                 input_std: list[float] | None = None) -> None:
         super().__init__()
         if upsample not in ("nearest", "bilinear"):
             raise ValueError(f"upsample must be 'nearest' or 'bilinear', got {upsample!r}")
@@ -46,6 +47,12 @@ class CloudNet(nn.Module):
         # Full resolution: per pixel, or (pixel_kernel 3) with its 8 neighbours, which lets a
         # pixel at a cloud's edge overrule the context's 4 x 4 blocks.
         self.pix = _conv(in_bands, w, pixel_kernel)
+        # A measured lever only (train --normalise dataset): the peer's habit of z-scoring the
+        # input with its training set's statistics. The shipped models take reflectance as is.
+        self.normalise = input_mean is not None and input_std is not None
+        if self.normalise:
+            self.register_buffer("mean", torch.tensor(input_mean).reshape(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(input_std).reshape(1, -1, 1, 1))
         self.pix2 = _conv(w, w, 1)
         self.head = _conv(w, NUM_CLASSES, 1)
         # Context: 1/4 -> 1/8 -> 1/16 and back to 1/4.
@@ -62,6 +69,8 @@ class CloudNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         relu = F.relu
+        if self.normalise:
+            x = (x - self.mean) / self.std
         c4 = relu(self.e4(self.pool(x)))
         c8 = relu(self.e8b(relu(self.e8(c4))))
         c16 = relu(self.e16c(relu(self.e16b(relu(self.e16(c8))))))
@@ -78,9 +87,10 @@ class CloudNet(nn.Module):
 
 
 def build(in_bands: int = 4, upsample: str = "nearest", width: int = 24,
-          pixel_kernel: int = 1) -> CloudNet:
+          pixel_kernel: int = 1, input_mean: list[float] | None = None,
+          input_std: list[float] | None = None) -> CloudNet:
     return CloudNet(in_bands=in_bands, width=width, upsample=upsample,
-                    pixel_kernel=pixel_kernel)
+                    pixel_kernel=pixel_kernel, input_mean=input_mean, input_std=input_std)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -74,8 +74,8 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
           augment: str = "sensor-nohaze", s2cloudless: str | None = None,
           synthetic_p: float = 0.0, cloud_alpha: float = 0.35,
           confidence: float = dataset.DISTILL_CONFIDENCE, pixel_sizes: bool = True,
-          finer: tuple[int, ...] = (), soft: bool = False, cloudy_share: float = 0.5
-          ) -> torch.nn.Module:
+          finer: tuple[int, ...] = (), soft: bool = False, cloudy_share: float = 0.5,
+          normalise: str = "none") -> torch.nn.Module:
     """Train and save a state_dict to ``out``.
 
     Distillation (version 0.3 on): ukis-csmask teacher labels on the 13-band scene and the
@@ -112,7 +112,13 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
                                   cloudy_share=cloudy_share)
     print(f"data: {len(sampler.teacher)} teacher scenes ({time.perf_counter() - t0:.0f} s)",
           flush=True)
-    model = build(bands, upsample=upsample, width=width, pixel_kernel=pixel_kernel)
+    stats: dict[str, list[float] | None] = {"input_mean": None, "input_std": None}
+    if normalise == "dataset":  # the training tiles' own statistics, as the peer does
+        x = np.concatenate([sampler.batch(64)[0] for _ in range(4)])
+        stats = {"input_mean": x.mean(axis=(0, 2, 3)).tolist(),
+                 "input_std": x.std(axis=(0, 2, 3)).tolist()}
+        sampler.rng = np.random.default_rng(seed)
+    model = build(bands, upsample=upsample, width=width, pixel_kernel=pixel_kernel, **stats)
     print(f"model: {count_parameters(model)} parameters, {bands} bands", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
@@ -143,7 +149,7 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
     torch.save(model.state_dict(), out)
     # What the weights need to be rebuilt (evaluate.load_model): the architecture's options.
     out.with_suffix(".json").write_text(json.dumps({"upsample": upsample, "width": width,
-                                                     "pixel_kernel": pixel_kernel}) + "\n")
+                                                     "pixel_kernel": pixel_kernel, **stats}) + "\n")
     print(f"saved {out} after {time.perf_counter() - t0:.0f} s", flush=True)
     return model
 
@@ -183,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                              "about 37 and 24 m), its labels repeated")
     parser.add_argument("--cloudy-share", type=float, default=0.5,
                         help="share of the tiles drawn from scenes with cloud (the rest clear)")
+    parser.add_argument("--normalise", choices=("none", "dataset"), default="none",
+                        help="dataset: z-score the input with the training tiles' mean and "
+                             "std (a lever measured; the shipped models take reflectance)")
     parser.add_argument("--soft", action="store_true",
                         help="soft distillation: the teacher's probabilities as targets")
     parser.add_argument("--pixel-kernel", type=int, choices=(1, 3), default=1,
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
           s2cloudless=args.s2cloudless, synthetic_p=args.synthetic,
           cloud_alpha=args.cloud_alpha, confidence=args.confidence,
           pixel_sizes=not args.one_pixel_size, finer=tuple(args.finer),
-          soft=args.soft, cloudy_share=args.cloudy_share)
+          soft=args.soft, cloudy_share=args.cloudy_share, normalise=args.normalise)
     # No held-out score here: the held-out scenes are scored once, by evaluate.py.
     return 0
 
