@@ -466,11 +466,12 @@ def _upsample_image(image: np.ndarray, f: int) -> np.ndarray:
 
 
 def _repeat_labels(labels: np.ndarray, f: int) -> np.ndarray:
-    return np.repeat(np.repeat(labels, f, axis=0), f, axis=1)
+    """Each pixel of the last two axes repeated ``f`` x ``f`` (labels, or soft targets)."""
+    return np.repeat(np.repeat(labels, f, axis=-2), f, axis=-1)
 
 
 def _repeat_soft(soft: np.ndarray | None, f: int) -> np.ndarray | None:
-    return None if soft is None else np.repeat(np.repeat(soft, f, axis=1), f, axis=2)
+    return None if soft is None else _repeat_labels(soft, f)
 
 
 class TileSampler:

@@ -47,6 +47,12 @@ def loss(logits: torch.Tensor, labels: torch.Tensor,
     nll = -logp.gather(1, exact[:, None])[:, 0]
     not_cloud = -torch.logaddexp(logp[:, CLEAR], logp[:, SHADOW])
     nll = torch.where(labels == NOT_CLOUD, not_cloud, nll)
+    return _weighted_mean(nll, labels, class_weights)
+
+
+def _weighted_mean(nll: torch.Tensor, labels: torch.Tensor,
+                   class_weights: dict[int, float]) -> torch.Tensor:
+    """``nll`` averaged with each pixel weighted by its label's class weight; 255 weighs 0."""
     weight = torch.zeros_like(nll)
     for value, w in class_weights.items():
         weight = torch.where(labels == value, torch.full_like(nll, w), weight)
@@ -62,10 +68,7 @@ def soft_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
     labels = torch.as_tensor(labels, device=logits.device).long()
     logp = F.log_softmax(logits.float(), dim=1)
     nll = -(targets.to(logp) * logp).sum(1)
-    weight = torch.zeros_like(nll)
-    for value, w in class_weights.items():
-        weight = torch.where(labels == value, torch.full_like(nll, w), weight)
-    return (nll * weight).sum() / weight.sum().clamp(min=1.0)
+    return _weighted_mean(nll, labels, class_weights)
 
 
 def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
