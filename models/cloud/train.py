@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,8 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
 
     Distillation (version 0.3 on): ukis-csmask teacher labels on the 13-band scene and the
     training OSCD cities, no human-labelled pixel (UKIS is held out whole). ``augment``
-    "sensor" adds :class:`dataset.SensorAugment`; "gain" keeps 0.2's random gains only.
+    "sensor" adds :class:`dataset.SensorAugment`; "gain" keeps 0.2's random gains only;
+    "gain-haze" adds haze alone to them (clear tiles under a veil stay labelled clear).
     ``s2cloudless`` (a mode of :func:`dataset.with_s2cloudless`) adds s2cloudless as a second
     teacher. ``soft``: the teacher's probabilities as targets (:func:`soft_loss`), not its
     argmax.
@@ -99,7 +101,8 @@ def train(bands: int, steps: int, batch: int, tile: int, lr: float, seed: int,
     if s2cloudless:
         scenes = dataset.with_s2cloudless(scenes, s2cloudless, root)
     aug = {"sensor": dataset.SensorAugment(), "sensor-nohaze": dataset.SensorAugment(haze_p=0.0),
-           "gain": dataset.SensorAugment.none()}[augment]
+           "gain": dataset.SensorAugment.none(),
+           "gain-haze": replace(dataset.SensorAugment.none(), haze_p=0.3, haze_max=0.12)}[augment]
     weights = dict(CLASS_WEIGHTS)
     if cloud_weight is not None:
         weights[CLOUD] = cloud_weight
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cloud-weight", type=float, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
-    parser.add_argument("--augment", choices=("sensor", "sensor-nohaze", "gain"),
+    parser.add_argument("--augment", choices=("sensor", "sensor-nohaze", "gain", "gain-haze"),
                         default="sensor-nohaze")
     parser.add_argument("--s2cloudless", choices=dataset.S2CLOUDLESS_MODES, default=None,
                         help="s2cloudless as a second teacher: agree-13band / agree (ignore "
