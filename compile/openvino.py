@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from onboard.compile.quantize import node_prefixes
 from onboard.runtime.errors import CompileError
 
 
@@ -101,11 +102,12 @@ def quantize_nncf(onnx_path: Path, xml_path: Path, tiles: np.ndarray,
 def _float_convolutions(model: Any, only_prefix: str | list[str] | None,
                         onnx_path: Path) -> list[str]:
     """The OpenVINO names of the convolutions outside ``only_prefix`` (ONNX node names: the
-    converter names a convolution ``<onnx name>/WithoutBiases``). Every prefix must name a
-    convolution, so a renamed export fails here rather than quantising something else."""
+    converter names a convolution ``<onnx name>/WithoutBiases``). Some convolution must be
+    named under the prefixes (they may name other nodes too), so a renamed export fails here
+    rather than leaving everything float."""
     if only_prefix is None:
         return []
-    prefixes = (only_prefix,) if isinstance(only_prefix, str) else tuple(only_prefix)
+    prefixes = node_prefixes(only_prefix)
     convolutions = [op.get_friendly_name() for op in model.get_ordered_ops()
                     if op.get_type_name() == "Convolution"]
     kept = [name for name in convolutions if name.startswith(prefixes)]

@@ -48,6 +48,12 @@ def _reader(tiles: np.ndarray, input_name: str, batch: int = 1):
     return TileReader()
 
 
+def node_prefixes(only_prefix: str | list[str]) -> tuple[str, ...]:
+    """A zoo entry's ``extra["int8_only_prefix"]`` (one prefix or a list) as a tuple, the form
+    ``str.startswith`` takes."""
+    return (only_prefix,) if isinstance(only_prefix, str) else tuple(only_prefix)
+
+
 def quantize_qdq(fp32_path: Path, out_path: Path, tiles: np.ndarray,
                  target: str = "onnxruntime",
                  only_prefix: str | list[str] | None = None,
@@ -78,7 +84,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, tiles: np.ndarray,
     input_name = graph.input[0].name
     excluded: list[str] = []
     if only_prefix is not None:
-        prefixes = (only_prefix,) if isinstance(only_prefix, str) else tuple(only_prefix)
+        prefixes = node_prefixes(only_prefix)
         for prefix in prefixes:
             if not any(node.name.startswith(prefix) for node in graph.node):
                 raise CompileError(f"{fp32_path}: no node is named under {prefix!r}; "
